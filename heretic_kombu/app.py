@@ -1,0 +1,429 @@
+"""The app: configuration, task registry, sending jobs, and the original heretic API.
+
+``Heretic`` (alias ``Celery``) owns one :class:`~heretic_kombu.store.JobStore` and one
+:class:`~heretic_kombu.broker.Broker`, built lazily from its settings. Sending a job
+follows the order the guarantees depend on: encode the arguments (a bad value fails
+here, before anything is written), insert the row and commit, then publish with a
+broker confirm, then mark the row ``queued``. A job with a future eta is only written,
+as ``scheduled``: a worker's scheduler publishes it when due.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import protocol, serialization, states
+from . import retry as retry_policy
+from .broker import Broker
+from .config import Settings
+from .exceptions import ConfigurationError, HereticKombuError, NotRegistered
+from .result import AsyncResult
+from .store import JobStore, NewJob, utcnow
+from .task import Task, current_request, make_task
+
+logger = logging.getLogger("heretic_kombu")
+
+EVENTS = ("job_error", "job_failed")
+
+_shared_tasks: list[Task] = []
+_apps: list[Heretic] = []
+_default_app_lock = threading.Lock()
+
+
+class Config(dict):  # type: ignore[type-arg]
+    """``app.conf``: a dict that also allows attribute access, as Celery's does."""
+
+    def __init__(self, owner: Heretic, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "_owner", owner)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._owner._settings_changed()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        super().update(*args, **kwargs)
+        self._owner._settings_changed()
+
+
+class Heretic:
+    """A heretic_kombu application (``Celery`` is the same class).
+
+    Args:
+        main: the app's name, as Celery's first argument.
+        broker: broker URL (Celery's ``broker``); ``HERETIC_BROKER_URL`` wins over it.
+        database_url: the job table's database URL; ``HERETIC_DATABASE_URL`` wins.
+        include: modules to import when a worker starts (Celery's ``include``).
+        backend: accepted for compatibility and ignored: the job table is the backend.
+        **settings: any other setting, by heretic's or Celery's name.
+    """
+
+    def __init__(
+        self,
+        main: str | None = None,
+        *,
+        broker: str | None = None,
+        database_url: str | None = None,
+        include: Iterable[str] | None = None,
+        backend: str | None = None,
+        **settings: Any,
+    ) -> None:
+        self.main = main
+        self.tasks: dict[str, Task] = {}
+        self.include = list(include or ())
+        self._listeners: dict[str, list[Callable[..., Any]]] = {name: [] for name in EVENTS}
+        self._settings: Settings | None = None
+        self._store: JobStore | None = None
+        self._broker: Broker | None = None
+        self.conf = Config(self)
+        if broker:
+            self.conf["broker_url"] = broker
+        if database_url:
+            self.conf["database_url"] = database_url
+        self.conf.update(settings)
+        for task in _shared_tasks:
+            self._register(task, bound=False)
+        _apps.append(self)
+
+    def __repr__(self) -> str:
+        return f"<Heretic {self.main or '__main__'}>"
+
+    # -- configuration -----------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        """The effective settings (environment over ``conf``), rebuilt after a change."""
+        if self._settings is None:
+            self._settings = Settings.build(self.conf)
+        return self._settings
+
+    def _settings_changed(self) -> None:
+        self._settings = None
+        self.close()
+
+    def config_from_object(self, obj: Any, namespace: str | None = None) -> None:
+        """Load settings from a module (or its dotted name) or an object's attributes.
+
+        With ``namespace="CELERY"``, only ``CELERY_``-prefixed upper-case names are read
+        and the prefix is dropped (Django settings style).
+        """
+        if isinstance(obj, str):
+            obj = importlib.import_module(obj)
+        values: dict[str, Any] = {}
+        for name in dir(obj):
+            if name.startswith("_"):
+                continue
+            if namespace:
+                prefix = f"{namespace}_"
+                if not name.startswith(prefix):
+                    continue
+                values[name[len(prefix) :].lower()] = getattr(obj, name)
+            elif name.islower():
+                values[name] = getattr(obj, name)
+        self.conf.update(values)
+
+    @property
+    def store(self) -> JobStore:
+        """The job store (created on first use)."""
+        if self._store is None:
+            self._store = JobStore(self.settings.database_url)
+        return self._store
+
+    @property
+    def broker(self) -> Broker:
+        """The broker (created on first use)."""
+        if self._broker is None:
+            s = self.settings
+            self._broker = Broker(
+                s.broker_url,
+                transport_options=dict(s.broker_transport_options),
+                confirm_timeout=s.confirm_timeout,
+                queue_max_priority=s.queue_max_priority,
+            )
+        return self._broker
+
+    def close(self) -> None:
+        """Release database and broker connections held by this process."""
+        if self._store is not None:
+            self._store.dispose()
+        if self._broker is not None:
+            self._broker.close()
+        self._store = self._broker = None
+
+    # -- tasks ---------------------------------------------------------------
+
+    def task(self, *args: Any, **options: Any) -> Any:
+        """Decorator that registers a task in this app (Celery's ``@app.task``)."""
+
+        def decorate(fun: Callable[..., Any]) -> Task:
+            task = make_task(fun, app=self, **options)
+            self._register(task, bound=True)
+            return task
+
+        if len(args) == 1 and callable(args[0]) and not options:
+            return decorate(args[0])
+        return decorate
+
+    def _register(self, task: Task, bound: bool) -> None:
+        existing = self.tasks.get(task.name)
+        if existing is not None and existing is not task and bound:
+            logger.warning("task %r registered twice; the later definition wins", task.name)
+        self.tasks[task.name] = task
+
+    def import_modules(self) -> None:
+        """Import the modules named in ``include`` (a worker does this at start)."""
+        for module in self.include:
+            importlib.import_module(module)
+
+    # -- the original heretic API --------------------------------------------
+
+    def process(self, name: str, **options: Any) -> Callable[[Callable[..., Any]], Task]:
+        """Register ``handler(job)`` for jobs named ``name`` (heretic's ``process``).
+
+        Any exception the handler raises fails the attempt and, until the job's
+        ``max_attempts`` is reached, retries it with exponential backoff (1 s, 2 s, 4 s…,
+        with jitter), firing ``job_failed`` each time.
+        """
+        options.setdefault("autoretry_for", (Exception,))
+        options.setdefault("retry_backoff", True)
+        options.setdefault("max_retries", 0)
+
+        def decorate(handler: Callable[..., Any]) -> Task:
+            def run(self: Task, payload: Any = None) -> Any:
+                return handler(Job(self.request, payload))
+
+            run.__name__ = getattr(handler, "__name__", "handler")
+            run.__module__ = handler.__module__
+            run.__doc__ = handler.__doc__
+            task = make_task(run, app=self, name=name, bind=True, typing=False, **options)
+            self._register(task, bound=True)
+            return task
+
+        return decorate
+
+    def enqueue(
+        self,
+        name: str,
+        payload: Any = None,
+        *,
+        max_attempts: int = 1,
+        queue: str | None = None,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        priority: int | None = None,
+    ) -> AsyncResult:
+        """Enqueue a job for the handler registered with :meth:`process` (heretic's API)."""
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        return self.send_task(
+            name,
+            [payload],
+            {},
+            max_attempts=max_attempts,
+            queue=queue,
+            countdown=countdown,
+            eta=eta,
+            priority=priority,
+        )
+
+    def on(self, event: str, listener: Callable[..., Any]) -> Callable[..., Any]:
+        """Subscribe ``listener`` to ``job_error`` or ``job_failed``; returns the listener.
+
+        ``job_error(error)`` fires in the worker when a message can never be handled and
+        is dead-lettered; ``error`` is a :class:`MalformedMessage` with ``.reason``,
+        ``.queue`` and ``.task_id``. ``job_failed(exc, job)`` fires after every failed
+        attempt, with the task's exception and the job's row (``job.status`` tells
+        whether it will be retried).
+        """
+        if event not in self._listeners:
+            raise ValueError(f"unknown event {event!r}; choose one of {', '.join(EVENTS)}")
+        self._listeners[event].append(listener)
+        return listener
+
+    def emit(self, event: str, *args: Any) -> None:
+        """Call every listener of ``event``; a failing listener is logged, not raised."""
+        for listener in list(self._listeners.get(event, ())):
+            try:
+                listener(*args)
+            except Exception:
+                logger.exception("%s listener %r failed", event, listener)
+
+    # -- sending ---------------------------------------------------------------
+
+    def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's name
+        """The result handle of ``task_id``."""
+        return AsyncResult(task_id, app=self)
+
+    def send_task(
+        self,
+        name: str,
+        args: Iterable[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        task_id: str | None = None,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        expires: float | dt.datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Write the job's row, publish it, and return its :class:`AsyncResult`.
+
+        Raises:
+            EncodeError: ``args``/``kwargs`` are not JSON; nothing was written.
+            PublishError: the broker did not confirm; the row stays ``pending``.
+        """
+        args = list(args or ())
+        kwargs = dict(kwargs or {})
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise TypeError("kwargs must be a dict with string keys")
+        settings = self.settings
+        if settings.always_eager and name in self.tasks:
+            return self._run_eagerly(name, args, kwargs, task_id)
+        if max_attempts is None:
+            task = self.tasks.get(name)
+            max_attempts = retry_policy.max_attempts_for(task.max_retries if task else 3)
+        task_id = protocol.check_task_id(task_id) if task_id else protocol.new_task_id()
+        now = utcnow()
+        run_at = retry_policy.next_run_at(now, eta if eta is not None else countdown)
+        expires_at = None
+        if expires is not None:
+            expires_at = retry_policy.next_run_at(now, expires)
+        parent = current_request()
+        parent_id = parent.id if parent is not None and not parent.called_directly else None
+        root_id = (parent.root_id or parent.id) if parent_id else task_id
+        payload = serialization.dumps({"args": args, "kwargs": kwargs})
+        queue_name = queue or settings.default_queue
+        scheduled = run_at > now
+        job = NewJob(
+            task_id=task_id,
+            task_name=name,
+            queue_name=queue_name,
+            payload=payload,
+            max_attempts=max_attempts,
+            status=states.SCHEDULED if scheduled else states.PENDING,
+            eta=run_at if scheduled else None,
+            expires_at=expires_at,
+            priority=priority,
+            parent_id=parent_id,
+            root_id=root_id,
+            group_id=options.get("group_id"),
+        )
+        job_id = self.store.insert(job)
+        if not scheduled:
+            self.broker.publish(
+                protocol.TaskMessage(
+                    id=task_id,
+                    task=name,
+                    args=args,
+                    kwargs=kwargs,
+                    expires=expires_at,
+                    root_id=root_id,
+                    parent_id=parent_id,
+                    group=job.group_id,
+                    job_id=job_id,
+                    priority=priority,
+                ),
+                queue_name,
+            )
+            self.store.mark_queued(task_id)
+        return AsyncResult(task_id, app=self, task_name=name)
+
+    def _run_eagerly(
+        self, name: str, args: list[Any], kwargs: dict[str, Any], task_id: str | None
+    ) -> Any:
+        result = self.tasks[name].apply(args, kwargs, task_id=task_id)
+        if result.failed() and self.settings.eager_propagates:
+            raise result.result
+        return result
+
+
+class Job:
+    """What a :meth:`Heretic.process` handler receives."""
+
+    def __init__(self, request: Any, payload: Any) -> None:
+        self.id: int | None = request.job_id
+        self.task_id: str | None = request.id
+        self.name: str | None = request.task
+        self.payload = payload
+        self.attempts: int = request.retries + 1
+        self.max_attempts: int | None = request.max_attempts
+        self.queue: str | None = (request.delivery_info or {}).get("routing_key")
+
+    def __repr__(self) -> str:
+        return f"<Job {self.name} {self.task_id} attempt {self.attempts}>"
+
+
+Celery = Heretic
+
+
+def register_shared(task: Task) -> None:
+    """Add a ``@shared_task`` to every app, present and future."""
+    _shared_tasks.append(task)
+    for app in _apps:
+        app._register(task, bound=False)
+
+
+def current_app() -> Heretic:
+    """The app a task without its own app uses: the latest created, else a default one.
+
+    The default app reads only the environment (``HERETIC_*``), so a module that uses
+    nothing but ``@shared_task`` works unchanged.
+    """
+    if _apps:
+        return _apps[-1]
+    with _default_app_lock:
+        if not _apps:
+            Heretic("default")
+    return _apps[-1]
+
+
+def find_app(name: str) -> Heretic:
+    """Resolve ``-A``: ``module``, ``module:attribute`` or ``package`` (as Celery does).
+
+    Looks for an app attribute (``app``, ``celery``, or any :class:`Heretic` instance) in
+    the module, then in ``module.celery``; a module with only ``@shared_task`` functions
+    gets the default app.
+    """
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import app module {module_name!r}: {exc}") from exc
+    if attribute:
+        app = getattr(module, attribute, None)
+        if not isinstance(app, Heretic):
+            raise ConfigurationError(f"{name!r} is not a heretic_kombu app")
+        return app
+    candidates = [module]
+    try:
+        candidates.append(importlib.import_module(f"{module_name}.celery"))
+    except ImportError:
+        pass
+    for candidate in candidates:
+        for attr in ("app", "celery"):
+            if isinstance(getattr(candidate, attr, None), Heretic):
+                return getattr(candidate, attr)  # type: ignore[no-any-return]
+        for value in vars(candidate).values():
+            if isinstance(value, Heretic):
+                return value
+    return current_app()
+
+
+__all__ = ["Celery", "Heretic", "Job", "NotRegistered", "HereticKombuError", "current_app"]

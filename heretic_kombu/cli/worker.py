@@ -1,0 +1,92 @@
+"""``heretic worker``: run a worker, with Celery's options."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from ..config import POOLS
+from ..worker import Worker
+from .main import State, app_option, cli
+
+LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
+
+
+@cli.command()
+@app_option
+@click.option(
+    "-Q",
+    "--queues",
+    envvar="HERETIC_QUEUES",
+    show_envvar=True,
+    help="Comma-separated queues to consume [default: the default queue].",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=int,
+    envvar="HERETIC_CONCURRENCY",
+    show_envvar=True,
+    help="Pool slots [default: number of CPUs].",
+)
+@click.option(
+    "-P",
+    "--pool",
+    type=click.Choice(POOLS),
+    envvar="HERETIC_POOL",
+    show_envvar=True,
+    help="prefork (processes), threads, or solo [default: prefork].",
+)
+@click.option(
+    "-l",
+    "--loglevel",
+    default="info",
+    envvar="HERETIC_LOGLEVEL",
+    show_envvar=True,
+    type=click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False),
+    show_default=True,
+)
+@click.option(
+    "--prefetch-multiplier",
+    type=click.IntRange(min=1),
+    envvar="HERETIC_PREFETCH_MULTIPLIER",
+    show_envvar=True,
+    help="Messages reserved per slot [default: 4].",
+)
+@click.option(
+    "-n",
+    "--hostname",
+    "name",
+    envvar="HERETIC_WORKER_NAME",
+    show_envvar=True,
+    help="Worker name, with %h/%n/%d placeholders [default: heretic@<host>].",
+)
+@click.pass_obj
+def worker(
+    state: State,
+    queues: str | None,
+    concurrency: int | None,
+    pool: str | None,
+    loglevel: str,
+    prefetch_multiplier: int | None,
+    name: str | None,
+) -> None:
+    """Consume queues and run their jobs until SIGTERM/SIGINT.
+
+    The first SIGTERM or SIGINT stops consuming, lets running jobs finish and exits 0;
+    a second one exits at once (status 1) and the broker redelivers what was not acked.
+    """
+    logging.basicConfig(level=loglevel.upper(), format=LOG_FORMAT)
+    app = state.app()
+    app.import_modules()
+    queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    code = Worker(
+        app,
+        queues=queue_list,
+        concurrency=concurrency,
+        pool=pool,
+        prefetch_multiplier=prefetch_multiplier,
+        name=name,
+    ).run()
+    raise SystemExit(code)

@@ -1,0 +1,181 @@
+"""Settings: one typed dataclass, built from the environment and the app's config.
+
+Precedence, highest first: ``HERETIC_<NAME>`` environment variables, the app's config
+under heretic's own name, the app's config under Celery's name (``broker_url``,
+``task_default_queue``, ``worker_prefetch_multiplier``…), then the defaults below. The
+environment is read when settings are built, never at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from .exceptions import ConfigurationError
+
+ENV_PREFIX = "HERETIC_"
+
+#: Celery's key names accepted in app config, mapped to heretic's setting names.
+CELERY_KEYS = {
+    "broker_url": "broker_url",
+    "task_default_queue": "default_queue",
+    "worker_prefetch_multiplier": "prefetch_multiplier",
+    "worker_concurrency": "concurrency",
+    "worker_pool": "pool",
+    "broker_transport_options": "broker_transport_options",
+    "task_queue_max_priority": "queue_max_priority",
+    "task_always_eager": "always_eager",
+    "task_eager_propagates": "eager_propagates",
+}
+
+#: Celery settings that would let non-JSON content in; heretic refuses them.
+_SERIALIZER_KEYS = ("task_serializer", "result_serializer", "accept_content", "event_serializer")
+
+POOLS = ("prefork", "threads", "solo")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything heretic_kombu can be configured with.
+
+    Each field is also read from the environment variable ``HERETIC_<FIELD>``.
+    """
+
+    #: Job table. Default: a SQLite file, so nothing needs to run for a first try.
+    database_url: str = "sqlite:///.heretic/jobs.sqlite3"
+    #: Broker. Default: heretic's serverless SQLite transport beside the job table.
+    broker_url: str = "sqlite:///.heretic/broker.sqlite3"
+    #: Celery's default queue name, so messages from unchanged Celery clients arrive.
+    default_queue: str = "celery"
+    #: Messages reserved per pool slot; Celery's default.
+    prefetch_multiplier: int = 4
+    #: Pool slots; 0 means one per CPU, as in Celery.
+    concurrency: int = 0
+    #: prefork (processes, Celery's default), threads, or solo (in the consuming thread).
+    pool: str = "prefork"
+    #: Worker name in rows and logs; empty means heretic@<hostname>.
+    worker_name: str = ""
+    #: How often a worker's scheduler looks for due countdown/eta/retry jobs, in seconds.
+    scheduler_interval: float = 1.0
+    #: Longest pause between two reads of the row while AsyncResult.get() waits, in seconds.
+    result_poll_interval: float = 0.2
+    #: Passed to kombu's Connection (e.g. {"polling_interval": 0.05} for the embedded broker).
+    broker_transport_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: x-max-priority for declared queues; unset declares queues without priorities.
+    queue_max_priority: int | None = None
+    #: Seconds to wait for the broker to confirm one publish.
+    confirm_timeout: float = 10.0
+    #: Run tasks in the calling process instead of sending them (Celery's task_always_eager).
+    always_eager: bool = False
+    #: With always_eager, re-raise task exceptions in the caller.
+    eager_propagates: bool = False
+
+    @classmethod
+    def build(
+        cls, conf: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Build settings from app config and the environment (``os.environ`` by default)."""
+        conf = dict(conf or {})
+        env = os.environ if env is None else env
+        _refuse_non_json(conf)
+        values: dict[str, Any] = {}
+        for celery_key, name in CELERY_KEYS.items():
+            if conf.get(celery_key) is not None:
+                values[name] = conf[celery_key]
+        for field in dataclasses.fields(cls):
+            if conf.get(field.name) is not None:
+                values[field.name] = conf[field.name]
+            env_value = env.get(ENV_PREFIX + field.name.upper())
+            if env_value not in (None, ""):
+                values[field.name] = env_value
+        coerced = {name: _coerce(cls, name, value) for name, value in values.items()}
+        settings = cls(**coerced)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigurationError` for values no worker could use."""
+        if self.pool not in POOLS:
+            raise ConfigurationError(f"pool must be one of {', '.join(POOLS)}, not {self.pool!r}")
+        if self.prefetch_multiplier < 1:
+            raise ConfigurationError("prefetch_multiplier must be at least 1")
+        if self.concurrency < 0:
+            raise ConfigurationError("concurrency must be 0 (one per CPU) or more")
+        if not self.default_queue:
+            raise ConfigurationError("default_queue must not be empty")
+
+    @property
+    def effective_concurrency(self) -> int:
+        """Pool slots: ``concurrency``, or the number of CPUs when it is 0."""
+        return self.concurrency or os.cpu_count() or 1
+
+    @property
+    def effective_worker_name(self) -> str:
+        """The worker's name as written in rows: ``worker_name`` or heretic@<hostname>."""
+        return self.worker_name or f"heretic@{socket.gethostname()}"
+
+
+def env_var(name: str) -> str:
+    """The environment variable that sets the setting ``name``."""
+    return ENV_PREFIX + name.upper()
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for logs and CLI output."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _refuse_non_json(conf: Mapping[str, Any]) -> None:
+    for key in _SERIALIZER_KEYS:
+        value = conf.get(key)
+        if value is None:
+            continue
+        names = [value] if isinstance(value, str) else list(value)
+        bad = [n for n in names if n not in ("json", "application/json")]
+        if bad:
+            raise ConfigurationError(
+                f"{key}={value!r}: heretic_kombu speaks JSON only (never pickle, yaml or msgpack);"
+                f" set {key} to 'json' or remove it"
+            )
+
+
+def _coerce(cls: type[Settings], name: str, value: Any) -> Any:
+    field_type = {f.name: f.type for f in dataclasses.fields(cls)}[name]
+    if not isinstance(value, str) or field_type == "str":
+        return value
+    try:
+        if field_type == "int":
+            return int(value)
+        if field_type == "int | None":
+            return int(value) if value.lower() not in ("none", "") else None
+        if field_type == "float":
+            return float(value)
+        if field_type == "bool":
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if field_type.startswith("Mapping"):
+            parsed = json.loads(value)
+            if not isinstance(parsed, dict):
+                raise ValueError(value)
+            return parsed
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"{env_var(name)}/{name}: {value!r} is not a valid {field_type}"
+        ) from exc
+    return value

@@ -1,0 +1,115 @@
+"""Every exception heretic_kombu raises, and the control-flow exceptions tasks raise.
+
+Celery's names are kept so that ``except celery.exceptions.X`` becomes
+``except heretic_kombu.exceptions.X`` with no other change::
+
+    HereticKombuError
+    ├── ConfigurationError          bad or unsupported setting
+    ├── NotRegistered               no task of that name in the registry
+    ├── EncodeError                 arguments or result are not JSON (also a kombu EncodeError)
+    ├── StoreError                  the job table could not be read or written
+    ├── BrokerError                 the broker refused or lost a message
+    │   ├── PublishError            a publish was not confirmed
+    │   └── QueueMismatchError      RabbitMQ holds the queue with other arguments (406)
+    ├── MalformedMessage            a delivered message can never be handled (dead-lettered)
+    ├── TimeoutError                AsyncResult.get() waited longer than its timeout
+    ├── TaskRevokedError            the job was revoked or expired before it ran
+    ├── MaxRetriesExceededError     Task.retry() past max_retries
+    └── WorkerLostError             the process running the job died
+
+    Retry                           control flow: raised by Task.retry()
+
+The default message of each class is its docstring's first line.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from kombu.exceptions import EncodeError as _KombuEncodeError
+
+
+class HereticKombuError(Exception):
+    """A heretic_kombu error."""
+
+    def __init__(self, message: str | None = None, *args: Any) -> None:
+        if message is None:
+            message = (self.__doc__ or type(self).__name__).strip().splitlines()[0]
+        super().__init__(message, *args)
+
+
+class ConfigurationError(HereticKombuError):
+    """The configuration is invalid."""
+
+
+class NotRegistered(HereticKombuError, KeyError):
+    """No task is registered under this name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class EncodeError(HereticKombuError, _KombuEncodeError):
+    """The value cannot be encoded as JSON."""
+
+
+class StoreError(HereticKombuError):
+    """The job table could not be read or written."""
+
+
+class BrokerError(HereticKombuError):
+    """The broker refused or lost a message."""
+
+
+class PublishError(BrokerError):
+    """The broker did not confirm the message."""
+
+
+class QueueMismatchError(BrokerError):
+    """The queue exists on the broker with different arguments."""
+
+
+class MalformedMessage(HereticKombuError):
+    """The message can never be handled."""
+
+
+class TimeoutError(HereticKombuError):  # noqa: A001 - Celery's name
+    """The operation timed out."""
+
+
+class TaskRevokedError(HereticKombuError):
+    """The task was revoked or expired before it ran."""
+
+
+class MaxRetriesExceededError(HereticKombuError):
+    """The task exceeded its maximum number of retries."""
+
+
+class WorkerLostError(HereticKombuError):
+    """The worker process running the job exited unexpectedly."""
+
+
+class Retry(HereticKombuError):
+    """The task is to be retried later.
+
+    Raised by ``Task.retry()``; the worker records the attempt and schedules the next
+    one. ``when`` is a number of seconds or an aware datetime.
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        exc: BaseException | None = None,
+        when: float | dt.datetime | None = None,
+    ) -> None:
+        self.exc = exc
+        self.when = when
+        if message is None:
+            message = f"Retry in {when}s" if isinstance(when, (int, float)) else f"Retry at {when}"
+            if exc is not None:
+                message = f"{message}: {exc!r}"
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.exc, self.when)

@@ -1,0 +1,171 @@
+"""Running one attempt of a task and describing how it ended.
+
+:func:`execute` is what a pool slot runs (in a prefork child, a thread, or inline). It
+takes and returns plain JSON-able dicts, so nothing but JSON ever crosses the pipe to a
+child process. It never raises: every ending (success, retry, failure) becomes an
+outcome for the worker to record. Autoretry (``autoretry_for`` + ``retry_backoff``) is
+applied here, exactly as Celery wraps a task's ``run``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from . import failure, serialization, states
+from . import retry as retry_policy
+from .exceptions import EncodeError, NotRegistered, Retry
+from .protocol import new_task_id
+from .task import Context, Task
+
+if TYPE_CHECKING:
+    from .app import Heretic
+    from .result import EagerResult
+
+SUCCEEDED = "succeeded"
+RETRY = "retry"
+FAILED = "failed"
+LOST = "lost"  # reported by a pool whose child died during the attempt
+
+
+def execute(app: Heretic, call: dict[str, Any]) -> dict[str, Any]:
+    """Run one attempt described by ``call``; return its outcome (never raises)."""
+    started = time.perf_counter()
+    try:
+        task = app.tasks[call["task"]]
+    except KeyError:
+        outcome = _failed(NotRegistered(f"task {call['task']!r} is not registered"), None)
+    else:
+        request = Context(
+            id=call["id"],
+            task=call["task"],
+            args=call["args"],
+            kwargs=call["kwargs"],
+            retries=call["retries"],
+            max_attempts=call["max_attempts"],
+            job_id=call.get("job_id"),
+            eta=_parse_time(call.get("eta")),
+            expires=_parse_time(call.get("expires")),
+            root_id=call.get("root_id"),
+            parent_id=call.get("parent_id"),
+            group=call.get("group"),
+            hostname=call.get("hostname"),
+            delivery_info={"routing_key": call.get("queue"), "exchange": call.get("queue")},
+            called_directly=False,
+            is_eager=False,
+        )
+        outcome = run_task(task, request)
+    outcome["runtime"] = time.perf_counter() - started
+    return outcome
+
+
+def run_task(task: Task, request: Context) -> dict[str, Any]:
+    """Run ``task`` under ``request``; return the outcome dict."""
+    task._push(request)
+    try:
+        try:
+            value = task.run(*request.args, **request.kwargs)
+        except Retry:
+            raise
+        except Exception as exc:
+            _autoretry(task, exc)
+            raise
+        if task.ignore_result:
+            return {"status": SUCCEEDED, "result": None}
+        return {"status": SUCCEEDED, "result": serialization.dumps(value)}
+    except Retry as signal:
+        return _retry(signal)
+    except EncodeError as exc:
+        return _failed(EncodeError(f"the task's return value is not JSON: {exc}"), exc)
+    except (Exception, SystemExit) as exc:
+        return _failed(exc, exc)
+    finally:
+        task._pop()
+
+
+def run_eagerly(
+    task: Task, args: list[Any], kwargs: dict[str, Any], task_id: str | None = None
+) -> EagerResult:
+    """Run ``task`` here until it succeeds or fails for good (``task.apply()``)."""
+    from .result import EagerResult
+
+    task_id = task_id or new_task_id()
+    max_attempts = retry_policy.max_attempts_for(task.max_retries)
+    retries = 0
+    while True:
+        request = Context(
+            id=task_id,
+            task=task.name,
+            args=args,
+            kwargs=kwargs,
+            retries=retries,
+            max_attempts=max_attempts,
+            root_id=task_id,
+            called_directly=False,
+            is_eager=True,
+        )
+        outcome = run_task(task, request)
+        if outcome["status"] == RETRY:
+            retries += 1
+            if outcome.get("max_retries") is not None:
+                max_attempts = retry_policy.max_attempts_for(outcome["max_retries"])
+            args = outcome["args"] if outcome.get("args") is not None else args
+            kwargs = outcome["kwargs"] if outcome.get("kwargs") is not None else kwargs
+            continue
+        if outcome["status"] == SUCCEEDED:
+            value = serialization.loads(outcome["result"]) if outcome["result"] else None
+            return EagerResult(task_id, value, states.CELERY_SUCCESS)
+        return EagerResult(
+            task_id, outcome["exception"], states.CELERY_FAILURE, outcome.get("traceback")
+        )
+
+
+def _autoretry(task: Task, exc: Exception) -> None:
+    """Turn ``exc`` into a retry when the task's autoretry options cover it."""
+    if not task.autoretry_for or not isinstance(exc, task.autoretry_for):
+        return
+    if task.dont_autoretry_for and isinstance(exc, task.dont_autoretry_for):
+        return
+    options = dict(task.retry_kwargs)
+    if task.retry_backoff:
+        factor = 1.0 if task.retry_backoff is True else float(task.retry_backoff)
+        options["countdown"] = retry_policy.backoff_delay(
+            factor, task.request.retries, task.retry_backoff_max, task.retry_jitter
+        )
+    task.retry(exc=exc, **options)
+
+
+def _retry(signal: Retry) -> dict[str, Any]:
+    when = signal.when
+    cause = signal.exc
+    return {
+        "status": RETRY,
+        "when": when.isoformat() if isinstance(when, dt.datetime) else when,
+        "exc": failure.describe(cause) if cause is not None else None,
+        "error": failure.summary(cause) if cause is not None else str(signal),
+        "traceback": _format(cause) if cause is not None else None,
+        "max_retries": getattr(signal, "max_retries", None),
+        "args": getattr(signal, "new_args", None),
+        "kwargs": getattr(signal, "new_kwargs", None),
+    }
+
+
+def _failed(exc: BaseException, raised: BaseException | None) -> dict[str, Any]:
+    return {
+        "status": FAILED,
+        "exc": failure.describe(exc),
+        "error": failure.summary(exc),
+        "traceback": _format(raised) if raised is not None else None,
+        # Only for eager runs in this process; dropped before crossing a pipe.
+        "exception": exc,
+    }
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _parse_time(value: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(value) if value else None

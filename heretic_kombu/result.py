@@ -1,0 +1,213 @@
+"""AsyncResult: Celery's result handle, reading the job's row.
+
+There is no separate result backend: the row in ``heretic_jobs`` *is* the result.
+``state`` maps the row's status to Celery's names; an id nobody enqueued is PENDING,
+as in Celery. ``get()`` polls the row with a short, growing interval.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import failure, states
+from .exceptions import HereticKombuError, TaskRevokedError, TimeoutError
+from .task import current_request
+
+if TYPE_CHECKING:
+    from .app import Heretic
+    from .store import Job
+
+
+class AsyncResult:
+    """The state and outcome of one job, by task id."""
+
+    def __init__(self, id: str, app: Heretic | None = None, task_name: str | None = None) -> None:
+        if app is None:
+            from .app import current_app
+
+            app = current_app()
+        self.id = str(id)
+        self.app = app
+        self._task_name = task_name
+
+    @property
+    def task_id(self) -> str:
+        return self.id
+
+    # -- reading the row -------------------------------------------------------
+
+    def _job(self) -> Job | None:
+        return self.app.store.get(self.id)
+
+    @property
+    def state(self) -> str:
+        """Celery's state name: PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
+        return states.to_celery(self.app.store.status_of(self.id))
+
+    status = state
+
+    @property
+    def result(self) -> Any:
+        """The return value, or the exception for FAILURE/RETRY, else ``None``."""
+        return _outcome(self._job())
+
+    info = result
+
+    @property
+    def traceback(self) -> str | None:
+        job = self._job()
+        return job.traceback if job is not None else None
+
+    @property
+    def name(self) -> str | None:
+        job = self._job()
+        return job.task_name if job is not None else self._task_name
+
+    @property
+    def args(self) -> list[Any] | None:
+        job = self._job()
+        return job.args if job is not None else None
+
+    @property
+    def kwargs(self) -> dict[str, Any] | None:
+        job = self._job()
+        return job.kwargs if job is not None else None
+
+    @property
+    def retries(self) -> int:
+        job = self._job()
+        return max(job.attempts - 1, 0) if job is not None else 0
+
+    @property
+    def date_done(self) -> dt.datetime | None:
+        job = self._job()
+        return job.finished_at if job is not None else None
+
+    @property
+    def worker(self) -> str | None:
+        job = self._job()
+        return job.worker if job is not None else None
+
+    @property
+    def queue(self) -> str | None:
+        job = self._job()
+        return job.queue_name if job is not None else None
+
+    def ready(self) -> bool:
+        """True once the job succeeded, failed for good or was revoked."""
+        return self.state in states.READY_STATES
+
+    def successful(self) -> bool:
+        return self.state == states.CELERY_SUCCESS
+
+    def failed(self) -> bool:
+        return self.state == states.CELERY_FAILURE
+
+    # -- waiting -------------------------------------------------------------
+
+    def get(
+        self,
+        timeout: float | None = None,
+        propagate: bool = True,
+        interval: float | None = None,
+        disable_sync_subtasks: bool = True,
+        **_: Any,
+    ) -> Any:
+        """Wait for the job to finish and return its result.
+
+        Raises the task's exception (rebuilt with its type and message) when it failed
+        and ``propagate`` is true, :class:`TaskRevokedError` when it was revoked, and
+        :class:`TimeoutError` after ``timeout`` seconds.
+        """
+        if disable_sync_subtasks and current_request() is not None:
+            if not current_request().called_directly:  # type: ignore[union-attr]
+                raise RuntimeError(
+                    "Never call result.get() within a task! A worker waiting on another"
+                    " job can deadlock the pool."
+                )
+        ceiling = interval if interval is not None else self.app.settings.result_poll_interval
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.002
+        store = self.app.store
+        while store.status_of(self.id) not in states.TERMINAL:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"The operation timed out ({timeout}s) waiting for {self.id}")
+            remaining = ceiling if deadline is None else max(0.0, deadline - time.monotonic())
+            time.sleep(min(pause, ceiling, remaining))
+            pause *= 2
+        job = self._job()
+        assert job is not None
+        if job.status == states.REVOKED and propagate:
+            raise TaskRevokedError(f"task {self.id} was revoked: {job.error or 'revoked'}")
+        value = _outcome(job)
+        if job.status == states.FAILED and propagate:
+            raise value
+        return value
+
+    wait = get
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {self.id}>"
+
+    def __str__(self) -> str:
+        return self.id
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AsyncResult):
+            return other.id == self.id
+        if isinstance(other, str):
+            return other == self.id
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+
+class EagerResult:
+    """The outcome of a task run in the caller's process (``apply``/``always_eager``)."""
+
+    def __init__(self, id: str, value: Any, state: str, traceback: str | None = None) -> None:
+        self.id = id
+        self._value = value
+        self.state = self.status = state
+        self.traceback = traceback
+
+    @property
+    def result(self) -> Any:
+        return self._value
+
+    info = result
+
+    def ready(self) -> bool:
+        return True
+
+    def successful(self) -> bool:
+        return self.state == states.CELERY_SUCCESS
+
+    def failed(self) -> bool:
+        return self.state == states.CELERY_FAILURE
+
+    def get(self, timeout: float | None = None, propagate: bool = True, **_: Any) -> Any:
+        if self.state == states.CELERY_FAILURE and propagate:
+            raise self._value
+        return self._value
+
+    wait = get
+
+    def __repr__(self) -> str:
+        return f"<EagerResult: {self.id}>"
+
+
+def _outcome(job: Job | None) -> Any:
+    if job is None:
+        return None
+    if job.status == states.SUCCEEDED:
+        return job.result
+    if job.status in (states.FAILED, states.RETRYING):
+        if job.result is not None:
+            return failure.rebuild(job.result)
+        if job.status == states.FAILED:
+            return HereticKombuError(job.error or "job failed")
+    return None

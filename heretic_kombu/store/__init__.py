@@ -1,0 +1,18 @@
+"""The job store: the ``heretic_jobs`` table and every statement run against it."""
+
+from __future__ import annotations
+
+from .jobstore import AttemptResult, Job, JobStore, NewJob, log_line, render_postgresql_ddl, utcnow
+from .tables import SCHEMA_VERSION, jobs
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AttemptResult",
+    "Job",
+    "JobStore",
+    "NewJob",
+    "jobs",
+    "log_line",
+    "render_postgresql_ddl",
+    "utcnow",
+]

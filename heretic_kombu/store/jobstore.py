@@ -1,0 +1,539 @@
+"""JobStore: every SQL statement heretic_kombu runs, on PostgreSQL or SQLite.
+
+The worker, the producer and the CLI call these methods and never build SQL
+themselves. Dialect differences (``FOR UPDATE SKIP LOCKED``, ``BEGIN IMMEDIATE``,
+array append, upsert) live here and nowhere else. Timestamps are written from Python
+in UTC so both dialects compare them the same way.
+
+The lifecycle methods are conditional UPDATEs: :meth:`claim` moves a job out of a
+runnable status atomically, :meth:`record_attempt` only touches the attempt it was
+given. A stale or duplicate message therefore finds nothing to change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from .. import serialization, states
+from ..exceptions import StoreError
+from .tables import SCHEMA_VERSION, jobs, metadata, schema_version
+
+# Any number; PostgreSQL advisory lock that serialises concurrent `db init`s.
+_INIT_LOCK_KEY = 0x68657265  # "here"
+
+
+def utcnow() -> dt.datetime:
+    """The current time, timezone-aware UTC."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One row of ``heretic_jobs``."""
+
+    id: int
+    task_id: str
+    task_name: str
+    queue_name: str
+    status: str
+    payload: dict[str, Any] | None
+    attempt_logs: list[str]
+    attempts: int
+    max_attempts: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    last_attempted_at: dt.datetime | None
+    eta: dt.datetime | None
+    expires_at: dt.datetime | None
+    priority: int | None
+    result: Any
+    error: str | None
+    traceback: str | None
+    parent_id: str | None
+    root_id: str | None
+    group_id: str | None
+    worker: str | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    @property
+    def args(self) -> list[Any]:
+        return list((self.payload or {}).get("args") or [])
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict((self.payload or {}).get("kwargs") or {})
+
+
+@dataclasses.dataclass(frozen=True)
+class NewJob:
+    """What a producer writes before the message is published."""
+
+    task_id: str
+    task_name: str
+    queue_name: str
+    payload: serialization.RawJSON  # {"args": [...], "kwargs": {...}}, already encoded
+    max_attempts: int
+    status: str = states.PENDING
+    eta: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    priority: int | None = None
+    parent_id: str | None = None
+    root_id: str | None = None
+    group_id: str | None = None
+    attempts: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AttemptResult:
+    """How one attempt ended, as the worker records it."""
+
+    status: str  # succeeded | failed | retrying
+    log_line: str
+    result: serialization.RawJSON | None = None
+    error: str | None = None
+    traceback: str | None = None
+    eta: dt.datetime | None = None  # next attempt, for retrying
+    max_attempts: int | None = None  # a retry may raise the limit (retry(max_retries=...))
+    payload: serialization.RawJSON | None = None  # a retry may change the arguments
+
+
+class JobStore:
+    """Reads and writes the job table through one SQLAlchemy engine per process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine: Engine | None = None
+        self._pid = os.getpid()
+        self._schema_ready = False
+
+    # -- engine and schema ------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        if self._pid != os.getpid():
+            # Forked: never touch the parent's sockets, open our own.
+            if self._engine is not None:
+                self._engine.dispose(close=False)
+            self._engine, self._pid = None, os.getpid()
+        if self._engine is None:
+            self._engine = _create_engine(self.url)
+        return self._engine
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        if self._engine is not None and self._pid == os.getpid():
+            self._engine.dispose()
+        self._engine = None
+
+    def create_schema(self) -> bool:
+        """Create the table, indexes, trigger and version row if missing.
+
+        Idempotent, and safe when several processes run it at once. Returns ``True``
+        if anything was created.
+        """
+        with self._write() as conn:
+            if self.is_postgresql:
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_INIT_LOCK_KEY)))
+            if sa.inspect(conn).has_table(jobs.name):
+                self._schema_ready = True
+                return False
+            metadata.create_all(conn)
+            conn.execute(
+                sa.insert(schema_version).values(version=SCHEMA_VERSION, applied_at=utcnow())
+            )
+        self._schema_ready = True
+        return True
+
+    def ensure_schema(self) -> None:
+        """Create the schema on first use in this process (zero-configuration start)."""
+        if not self._schema_ready:
+            self.create_schema()
+
+    # -- producer side ----------------------------------------------------
+
+    def insert(self, job: NewJob) -> int:
+        """Write a new row and commit; return its id."""
+        self.ensure_schema()
+        values = dataclasses.asdict(job)
+        now = utcnow()
+        values.update(payload=job.payload, created_at=now, updated_at=now, attempt_logs=[])
+        with self._write() as conn:
+            return int(
+                conn.execute(jobs.insert().values(**values).returning(jobs.c.id)).scalar_one()
+            )
+
+    def insert_if_missing(self, job: NewJob) -> None:
+        """Write the row for a job that arrived without one (sent by a Celery client)."""
+        self.ensure_schema()
+        values = dataclasses.asdict(job)
+        now = utcnow()
+        values.update(payload=job.payload, created_at=now, updated_at=now, attempt_logs=[])
+        insert = (postgresql.insert if self.is_postgresql else sqlite.insert)(jobs).values(**values)
+        with self._write() as conn:
+            conn.execute(insert.on_conflict_do_nothing(index_elements=["task_id"]))
+
+    def mark_queued(self, task_id: str) -> None:
+        """The broker confirmed the message: ``pending`` -> ``queued`` (if still pending)."""
+        with self._write() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.task_id == task_id, jobs.c.status == states.PENDING)
+                .values(status=states.QUEUED, updated_at=utcnow())
+            )
+
+    def publish_due(self, publish: Callable[[Job], None], limit: int = 500) -> int:
+        """Publish jobs whose eta has passed and mark them ``queued``; return how many.
+
+        Rows are locked with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (SQLite's write
+        lock on the embedded default), so with several workers each due job is
+        published by one of them. The row is updated after the broker confirmed the
+        publish: a crash in between publishes it again later, which the claim makes
+        harmless. Expired jobs are revoked instead of published.
+        """
+        self.ensure_schema()
+        now = utcnow()
+        with self._write() as conn:
+            query = (
+                sa.select(jobs)
+                .where(jobs.c.status.in_(states.WAITING), jobs.c.eta <= now)
+                .order_by(jobs.c.eta)
+                .limit(limit)
+            )
+            if self.is_postgresql:
+                query = query.with_for_update(skip_locked=True)
+            due = [_to_job(row) for row in conn.execute(query)]
+            expired = [j.id for j in due if j.expires_at is not None and j.expires_at <= now]
+            published = []
+            for job in due:
+                if job.id not in expired:
+                    publish(job)
+                    published.append(job.id)
+            if published:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id.in_(published))
+                    .values(status=states.QUEUED, updated_at=now)
+                )
+            if expired:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id.in_(expired))
+                    .values(status=states.REVOKED, error="expired", finished_at=now, updated_at=now)
+                )
+        return len(published)
+
+    # -- worker side ------------------------------------------------------
+
+    def claim(self, task_id: str, worker: str) -> Job | None:
+        """Atomically move a runnable job to ``started`` and count the attempt.
+
+        Runnable: ``pending``/``queued``, or ``scheduled``/``retrying`` whose eta has
+        passed, and not expired. Returns the claimed row, or ``None`` if there was
+        nothing to claim (missing, early, expired, running or finished).
+        """
+        now = utcnow()
+        statement = (
+            jobs.update()
+            .where(
+                jobs.c.task_id == task_id,
+                sa.or_(
+                    jobs.c.status.in_(states.READY),
+                    sa.and_(jobs.c.status.in_(states.WAITING), jobs.c.eta <= now),
+                ),
+                sa.or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > now),
+            )
+            .values(
+                status=states.STARTED,
+                attempts=jobs.c.attempts + 1,
+                worker=worker,
+                started_at=now,
+                last_attempted_at=now,
+                finished_at=None,
+                updated_at=now,
+            )
+            .returning(*jobs.c)
+        )
+        with self._write() as conn:
+            row = conn.execute(statement).first()
+        return _to_job(row) if row is not None else None
+
+    def revoke_expired(self, task_id: str) -> bool:
+        """Mark a runnable job whose ``expires_at`` has passed as ``revoked``."""
+        now = utcnow()
+        with self._write() as conn:
+            result = conn.execute(
+                jobs.update()
+                .where(
+                    jobs.c.task_id == task_id,
+                    jobs.c.status.in_(states.READY + states.WAITING),
+                    jobs.c.expires_at <= now,
+                )
+                .values(status=states.REVOKED, error="expired", finished_at=now, updated_at=now)
+            )
+        return result.rowcount > 0
+
+    def release_lost_attempt(self, job: Job, log_line: str, give_up: AttemptResult | None) -> bool:
+        """Close an attempt whose worker died: log it, then requeue the job or fail it.
+
+        Conditional on the row still being in that attempt, so two workers receiving
+        the same redelivery cannot both release it. ``give_up`` is recorded instead of
+        requeueing when the job has no attempts left.
+        """
+        now = utcnow()
+        values: dict[str, Any] = {"updated_at": now, "attempt_logs": self._append(log_line)}
+        if give_up is None:
+            values.update(status=states.QUEUED)
+        else:
+            values.update(
+                status=give_up.status, error=give_up.error, result=give_up.result, finished_at=now
+            )
+        with self._write() as conn:
+            result = conn.execute(
+                jobs.update()
+                .where(
+                    jobs.c.task_id == job.task_id,
+                    jobs.c.status == states.STARTED,
+                    jobs.c.attempts == job.attempts,
+                )
+                .values(**values)
+            )
+        return result.rowcount > 0
+
+    def record_attempt(self, task_id: str, attempt: int, outcome: AttemptResult) -> bool:
+        """Record how attempt number ``attempt`` ended; return ``False`` if it was superseded.
+
+        One statement: status, result or error, the next eta, and exactly one
+        ``attempt_logs`` line. Only the attempt that is still current is recorded.
+        """
+        now = utcnow()
+        values: dict[str, Any] = {
+            "status": outcome.status,
+            "updated_at": now,
+            "attempt_logs": self._append(outcome.log_line),
+            "result": outcome.result,
+            "error": outcome.error,
+            "traceback": outcome.traceback,
+        }
+        if outcome.status == states.RETRYING:
+            values["eta"] = outcome.eta
+        else:
+            values["finished_at"] = now
+        if outcome.max_attempts is not None:
+            values["max_attempts"] = outcome.max_attempts
+        if outcome.payload is not None:
+            values["payload"] = outcome.payload
+        with self._write() as conn:
+            result = conn.execute(
+                jobs.update()
+                .where(
+                    jobs.c.task_id == task_id,
+                    jobs.c.status == states.STARTED,
+                    jobs.c.attempts == attempt,
+                )
+                .values(**values)
+            )
+        return result.rowcount > 0
+
+    def fail_unhandleable(self, task_id: str, error: str) -> bool:
+        """Fail a job whose message can never be handled (e.g. its task is unknown)."""
+        now = utcnow()
+        with self._write() as conn:
+            result = conn.execute(
+                jobs.update()
+                .where(jobs.c.task_id == task_id, jobs.c.status.notin_(states.TERMINAL))
+                .values(
+                    status=states.FAILED,
+                    error=error,
+                    finished_at=now,
+                    updated_at=now,
+                    attempt_logs=self._append(f"{_stamp(now)} rejected: {error}"),
+                )
+            )
+        return result.rowcount > 0
+
+    # -- reading ----------------------------------------------------------
+
+    def get(self, task_id: str) -> Job | None:
+        """The row of ``task_id``, or ``None``."""
+        self.ensure_schema()
+        with self._read() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.task_id == task_id)).first()
+        return _to_job(row) if row is not None else None
+
+    def get_by_id(self, job_id: int) -> Job | None:
+        """The row with primary key ``job_id``, or ``None``."""
+        self.ensure_schema()
+        with self._read() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return _to_job(row) if row is not None else None
+
+    def status_of(self, task_id: str) -> str | None:
+        """Just the status of ``task_id`` (cheap enough to poll), or ``None``."""
+        self.ensure_schema()
+        with self._read() as conn:
+            return conn.execute(
+                sa.select(jobs.c.status).where(jobs.c.task_id == task_id)
+            ).scalar_one_or_none()
+
+    def list(
+        self,
+        *,
+        statuses: Sequence[str] = (),
+        task_name: str | None = None,
+        queue_name: str | None = None,
+        limit: int = 50,
+    ) -> list[Job]:
+        """The newest rows matching every given filter (all values are bound parameters)."""
+        self.ensure_schema()
+        query = sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        if statuses:
+            query = query.where(jobs.c.status.in_(list(statuses)))
+        if task_name:
+            query = query.where(jobs.c.task_name == task_name)
+        if queue_name:
+            query = query.where(jobs.c.queue_name == queue_name)
+        with self._read() as conn:
+            return [_to_job(row) for row in conn.execute(query)]
+
+    def render_ddl(self) -> str:
+        """The PostgreSQL DDL of the schema (what ``sql/schema.sql`` holds)."""
+        return render_postgresql_ddl()
+
+    # -- helpers ----------------------------------------------------------
+
+    def _append(self, line: str) -> Any:
+        if self.is_postgresql:
+            return sa.func.array_append(jobs.c.attempt_logs, line)
+        return sa.func.json_insert(jobs.c.attempt_logs, "$[#]", line)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with _wrap_errors(), self.engine.connect() as conn:
+            conn.execution_options(heretic_write=True)
+            with conn.begin():
+                yield conn
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with _wrap_errors(), self.engine.connect() as conn:
+            yield conn
+
+
+def render_postgresql_ddl() -> str:
+    """Render the schema as PostgreSQL DDL statements, in creation order."""
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    parts: list[str] = []
+    for table in metadata.sorted_tables:
+        parts.append(str(CreateTable(table).compile(dialect=dialect)).strip() + ";")
+        for index in sorted(table.indexes, key=lambda i: i.name or ""):
+            parts.append(str(CreateIndex(index).compile(dialect=dialect)).strip() + ";")
+        for listener in table.dispatch.after_create:
+            ddl = getattr(listener, "__self__", None)
+            if isinstance(ddl, sa.DDL):
+                parts.append(ddl.statement.strip() + ";")
+    parts.append(f"INSERT INTO {schema_version.name} (version) VALUES ({SCHEMA_VERSION});")
+    header = (
+        "-- heretic_kombu schema, rendered from heretic_kombu/store/tables.py"
+        " (`heretic db sql`).\n-- Schema version "
+        f"{SCHEMA_VERSION}. Do not edit by hand: change tables.py and re-render.\n"
+    )
+    return header + "\n\n".join(parts) + "\n"
+
+
+@contextlib.contextmanager
+def _wrap_errors() -> Iterator[None]:
+    try:
+        yield
+    except sa.exc.DBAPIError as exc:
+        raise StoreError(f"job store error: {exc.orig!r}") from exc
+
+
+def _create_engine(url: str) -> Engine:
+    url_obj = sa.make_url(url)
+    if url_obj.drivername == "postgresql":
+        # psycopg2 is the driver we ship with; SQLAlchemy 2.1 would pick psycopg 3.
+        url_obj = url_obj.set(drivername="postgresql+psycopg2")
+    if url_obj.get_backend_name() == "sqlite":
+        database = url_obj.database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            url_obj,
+            json_serializer=serialization.engine_serializer,
+            json_deserializer=serialization.loads,
+            connect_args={"timeout": 30, "check_same_thread": False},
+        )
+        _tune_sqlite(engine)
+        return engine
+    return sa.create_engine(
+        url_obj,
+        json_serializer=serialization.engine_serializer,
+        json_deserializer=serialization.loads,
+        pool_pre_ping=True,
+    )
+
+
+def _tune_sqlite(engine: Engine) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, record: Any) -> None:
+        # Let SQLAlchemy's begin event decide how transactions start.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA synchronous=NORMAL")  # durable across crashes of the process
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # A write transaction takes the write lock up front: a deferred transaction that
+        # reads first and writes later can fail with SQLITE_BUSY despite busy_timeout.
+        write = conn.get_execution_options().get("heretic_write")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value
+
+
+def _to_job(row: Any) -> Job:
+    data = dict(row._mapping)
+    for key in (
+        "created_at",
+        "updated_at",
+        "last_attempted_at",
+        "eta",
+        "expires_at",
+        "started_at",
+        "finished_at",
+    ):
+        data[key] = _aware(data[key])
+    data["attempt_logs"] = list(data["attempt_logs"] or [])
+    return Job(**data)
+
+
+def _stamp(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def log_line(moment: dt.datetime, attempt: int, worker: str, outcome: str) -> str:
+    """One ``attempt_logs`` entry: when, which attempt, which worker, what happened."""
+    return f"{_stamp(moment)} attempt {attempt} on {worker}: {outcome}"

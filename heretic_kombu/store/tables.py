@@ -1,0 +1,137 @@
+"""The ``heretic_jobs`` table, defined once in SQLAlchemy Core.
+
+Everything else is derived from this module: ``heretic db init`` creates from it,
+``heretic db sql`` and ``sql/schema.sql`` are its rendered PostgreSQL DDL (a test checks
+they agree on a real PostgreSQL). The original heretic columns keep their names and
+meaning; the rest serve Celery parity and search.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    DDL,
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    Uuid,
+    event,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+
+class _EmptyList(FunctionElement[Any]):
+    """Server default for ``attempt_logs``: ``'{}'`` (text[]) on PostgreSQL, ``'[]'`` elsewhere."""
+
+    inherit_cache = True
+
+
+@compiles(_EmptyList)
+def _empty_list_default(element: _EmptyList, compiler: Any, **kw: Any) -> str:
+    return "'[]'"
+
+
+@compiles(_EmptyList, "postgresql")
+def _empty_list_pg(element: _EmptyList, compiler: Any, **kw: Any) -> str:
+    return "'{}'::text[]"
+
+
+_json = JSON().with_variant(JSONB(), "postgresql")
+_text_list = JSON().with_variant(ARRAY(Text()), "postgresql")
+_now = text("CURRENT_TIMESTAMP")
+# bigserial on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
+_id_type = BigInteger().with_variant(Integer(), "sqlite")
+
+jobs = Table(
+    "heretic_jobs",
+    metadata,
+    # -- the original heretic columns
+    Column("id", _id_type, primary_key=True, autoincrement=True),
+    Column("queue_name", Text, nullable=False),
+    Column("status", Text, nullable=False, server_default=text("'pending'")),
+    Column("payload", _json),
+    Column("attempt_logs", _text_list, nullable=False, server_default=_EmptyList()),
+    Column("max_attempts", Integer, nullable=False, server_default=text("1")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    Column("last_attempted_at", DateTime(timezone=True)),
+    # -- Celery parity and search
+    Column("task_id", Uuid(as_uuid=False), nullable=False, unique=True),
+    Column("task_name", Text, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("eta", DateTime(timezone=True)),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("priority", Integer),
+    Column("result", _json),
+    Column("error", Text),
+    Column("traceback", Text),
+    Column("parent_id", Uuid(as_uuid=False)),
+    Column("root_id", Uuid(as_uuid=False)),
+    Column("group_id", Uuid(as_uuid=False)),
+    Column("worker", Text),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+)
+
+Index("heretic_jobs_status_idx", jobs.c.status)
+Index("heretic_jobs_queue_name_idx", jobs.c.queue_name)
+Index("heretic_jobs_task_name_idx", jobs.c.task_name)
+Index("heretic_jobs_created_at_idx", jobs.c.created_at)
+Index("heretic_jobs_root_id_idx", jobs.c.root_id)
+Index(
+    "heretic_jobs_payload_idx",
+    jobs.c.payload,
+    postgresql_using="gin",
+    postgresql_ops={"payload": "jsonb_path_ops"},
+).ddl_if(dialect="postgresql")
+# What the scheduler scans: jobs waiting for their eta.
+Index(
+    "heretic_jobs_due_idx",
+    jobs.c.eta,
+    postgresql_where=text("status IN ('scheduled', 'retrying')"),
+    sqlite_where=text("status IN ('scheduled', 'retrying')"),
+)
+
+schema_version = Table(
+    "heretic_schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+# The original heretic kept updated_at current with a trigger; so do we (PostgreSQL).
+event.listen(
+    jobs,
+    "after_create",
+    DDL(
+        "CREATE OR REPLACE FUNCTION heretic_updated_at_timestamp() RETURNS TRIGGER AS $$\n"
+        "BEGIN\n"
+        "  NEW.updated_at = now();\n"
+        "  RETURN NEW;\n"
+        "END;\n"
+        "$$ LANGUAGE plpgsql"
+    ).execute_if(dialect="postgresql"),
+)
+event.listen(
+    jobs,
+    "after_create",
+    DDL(
+        "CREATE TRIGGER update_heretic_jobs_updated_at\n"
+        "  BEFORE UPDATE ON heretic_jobs\n"
+        "  FOR EACH ROW EXECUTE PROCEDURE heretic_updated_at_timestamp()"
+    ).execute_if(dialect="postgresql"),
+)

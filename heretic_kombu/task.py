@@ -1,0 +1,300 @@
+"""Task, ``shared_task`` and the per-call ``request``: Celery's task API.
+
+A task is an instance of a :class:`Task` subclass made from a function by
+``@app.task`` or ``@shared_task``. ``.delay()``/``.apply_async()`` hand the call to the
+app, which writes the row and publishes; calling the task directly runs the function
+here, as in Celery. ``self.request`` and ``self.retry()`` work inside a running task.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import retry as retry_policy
+from .exceptions import ConfigurationError, MaxRetriesExceededError, Retry
+
+if TYPE_CHECKING:
+    from .app import Heretic
+    from .result import AsyncResult
+
+
+class Context:
+    """``task.request``: what is known about the call being executed."""
+
+    id: str | None = None
+    args: list[Any] = []  # noqa: RUF012 - read-only defaults, replaced per call
+    kwargs: dict[str, Any] = {}  # noqa: RUF012
+    retries: int = 0
+    eta: dt.datetime | None = None
+    expires: dt.datetime | None = None
+    hostname: str | None = None
+    delivery_info: dict[str, Any] = {}  # noqa: RUF012
+    root_id: str | None = None
+    parent_id: str | None = None
+    group: str | None = None
+    called_directly: bool = True
+    is_eager: bool = False
+    task: str | None = None
+    #: heretic: the row's id and attempt limit.
+    job_id: int | None = None
+    max_attempts: int | None = None
+
+    def __init__(self, **fields: Any) -> None:
+        for key, value in fields.items():
+            setattr(self, key, value)
+
+    def __repr__(self) -> str:
+        return f"<Context id={self.id} retries={self.retries}>"
+
+
+_current = threading.local()
+
+
+def current_request() -> Context | None:
+    """The request of the task running in this thread, if any (for lineage and checks)."""
+    stack = getattr(_current, "stack", None)
+    return stack[-1] if stack else None
+
+
+class Task:
+    """Base class of every task; subclass it for shared behaviour (``base=``).
+
+    Attributes mirror Celery's task options and keep its defaults.
+    """
+
+    name: str = ""
+    app: Heretic | None = None
+    typing: bool = True
+    max_retries: int | None = 3
+    default_retry_delay: float = 180
+    autoretry_for: tuple[type[BaseException], ...] = ()
+    dont_autoretry_for: tuple[type[BaseException], ...] = ()
+    retry_kwargs: dict[str, Any] = {}  # noqa: RUF012
+    retry_backoff: bool | float = False
+    retry_backoff_max: float = 600
+    retry_jitter: bool = True
+    queue: str | None = None
+    priority: int | None = None
+    expires: float | dt.datetime | None = None
+    ignore_result: bool = False
+    #: Always true in heretic: messages are acked only after the outcome is committed.
+    acks_late: bool = True
+    serializer: str = "json"
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    # -- calling ------------------------------------------------------------
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """The task body; set from the decorated function."""
+        raise NotImplementedError(f"task {self.name!r} has no body")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task body here and now, as Celery does for a direct call."""
+        stack = self._request_stack()
+        if stack:  # already inside a worker/eager call that pushed the request
+            return self.run(*args, **kwargs)
+        self._push(Context(args=list(args), kwargs=kwargs, called_directly=True, task=self.name))
+        try:
+            return self.run(*args, **kwargs)
+        finally:
+            self._pop()
+
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        """Send the task with these arguments: ``apply_async(args, kwargs)``."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        task_id: str | None = None,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        expires: float | dt.datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Write the job's row and publish it; return its :class:`AsyncResult`.
+
+        Arguments are checked against the task's signature (``typing``) and must be
+        JSON-encodable; either problem raises here, before anything is written.
+        """
+        args = list(args or ())
+        kwargs = dict(kwargs or {})
+        if self.typing:
+            self._check_arguments(args, kwargs)
+        app = self._get_app()
+        return app.send_task(
+            self.name,
+            args,
+            kwargs,
+            task_id=task_id,
+            countdown=countdown,
+            eta=eta,
+            expires=expires if expires is not None else self.expires,
+            queue=queue or self.queue,
+            priority=priority if priority is not None else self.priority,
+            max_attempts=retry_policy.max_attempts_for(self.max_retries),
+            **options,
+        )
+
+    def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's name
+        """The result handle of ``task_id``."""
+        return self._get_app().AsyncResult(task_id)
+
+    def apply(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Run the task here, eagerly, with retries; return an ``EagerResult``."""
+        from .execution import run_eagerly
+
+        return run_eagerly(self, list(args or ()), dict(kwargs or {}), options.get("task_id"))
+
+    # -- inside a running task ------------------------------------------------
+
+    @property
+    def request(self) -> Context:
+        """The current call's :class:`Context` (an empty one outside a call)."""
+        stack = self._request_stack()
+        return stack[-1] if stack else Context(task=self.name)
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: BaseException | None = None,
+        throw: bool = True,
+        eta: dt.datetime | None = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Retry:
+        """Ask for another attempt of this job, as Celery's ``Task.retry``.
+
+        Raises :class:`Retry` (the worker schedules the next attempt in the database),
+        or, once ``max_retries`` is reached, re-raises ``exc`` if given, else
+        :class:`MaxRetriesExceededError`.
+        """
+        request = self.request
+        if request.called_directly:
+            # Celery: a direct call has no message to retry; surface the error.
+            if exc is not None:
+                raise exc
+            raise Retry("Task can be retried", None)
+        limit = max_retries
+        if limit is None:
+            limit = (
+                retry_policy.max_retries_for(request.max_attempts)
+                if request.max_attempts is not None
+                else self.max_retries
+            )
+        if retry_policy.retries_exhausted(request.retries, limit):
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceededError(
+                f"Can't retry {self.name}[{request.id}] args:{request.args} kwargs:{request.kwargs}"
+            )
+        when: float | dt.datetime | None = eta if eta is not None else countdown
+        if when is None:
+            when = self.default_retry_delay
+        signal = Retry(exc=exc, when=when)
+        signal.max_retries = max_retries  # type: ignore[attr-defined]
+        signal.new_args = list(args) if args is not None else None  # type: ignore[attr-defined]
+        signal.new_kwargs = dict(kwargs) if kwargs is not None else None  # type: ignore[attr-defined]
+        if throw:
+            raise signal
+        return signal
+
+    # -- internals ------------------------------------------------------------
+
+    def _get_app(self) -> Heretic:
+        if self.app is not None:
+            return self.app
+        from .app import current_app
+
+        return current_app()
+
+    def _request_stack(self) -> list[Context]:
+        stack: list[Context] | None = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def _push(self, request: Context) -> None:
+        self._request_stack().append(request)
+        if not hasattr(_current, "stack"):
+            _current.stack = []
+        _current.stack.append(request)
+
+    def _pop(self) -> None:
+        self._request_stack().pop()
+        _current.stack.pop()
+
+    def _check_arguments(self, args: list[Any], kwargs: dict[str, Any]) -> None:
+        try:
+            signature = inspect.signature(self.run)
+        except (TypeError, ValueError):  # builtins without a signature: nothing to check
+            return
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}(): {exc}") from None
+
+    def __repr__(self) -> str:
+        return f"<@task: {self.name}>"
+
+
+def make_task(
+    fun: Callable[..., Any],
+    *,
+    app: Heretic | None,
+    name: str | None = None,
+    base: type[Task] | None = None,
+    bind: bool = False,
+    **options: Any,
+) -> Task:
+    """Build the task object for ``fun`` (what ``@app.task``/``@shared_task`` return)."""
+    base = base or Task
+    serializer = options.get("serializer", "json")
+    if serializer != "json":
+        raise ConfigurationError(
+            f"task {fun.__name__!r}: serializer={serializer!r} refused; heretic_kombu is JSON only"
+        )
+    task_name = name or f"{fun.__module__}.{fun.__qualname__}"
+    attributes: dict[str, Any] = {
+        "name": task_name,
+        "run": fun if bind else staticmethod(fun),
+        "__doc__": fun.__doc__,
+        "__module__": fun.__module__,
+        "__wrapped__": fun,
+        **options,
+    }
+    if app is not None:
+        attributes["app"] = app
+    cls = type(fun.__name__, (base,), attributes)
+    return cls()  # type: ignore[no-any-return]
+
+
+def shared_task(*args: Any, **options: Any) -> Any:
+    """Declare a task usable by any app, as Celery's ``shared_task``.
+
+    With no app created, the task binds to a default app built from the environment
+    (``HERETIC_DATABASE_URL``, ``HERETIC_BROKER_URL``…), so a Celery tasks module works
+    after changing only its import line.
+    """
+    from .app import register_shared
+
+    def decorate(fun: Callable[..., Any]) -> Task:
+        task = make_task(fun, app=None, **options)
+        register_shared(task)
+        return task
+
+    if len(args) == 1 and callable(args[0]) and not options:
+        return decorate(args[0])
+    return decorate

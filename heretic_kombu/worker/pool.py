@@ -1,0 +1,257 @@
+"""Execution pools: where task bodies run while the worker's main thread keeps consuming.
+
+Three pools, Celery's names: ``prefork`` (child processes, the default), ``threads``
+and ``solo`` (inline, in the consuming thread). Each runs
+:func:`heretic_kombu.execution.execute` on a JSON-able call and hands the outcome to a
+callback. The worker only submits when :meth:`Pool.free_slots` says a slot is free, so
+pools keep no queue of their own: a prefetched message is never claimed before a slot
+can run it.
+
+The prefork pool talks to each child over a pipe in JSON (no pickle crosses it), knows
+which job each child runs, and reports a child that dies mid-job as a ``lost`` outcome
+for that job alone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .. import serialization
+from ..execution import FAILED, LOST, execute
+
+if TYPE_CHECKING:
+    from ..app import Heretic
+
+logger = logging.getLogger("heretic_kombu.worker")
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+class Pool:
+    """Runs calls; subclasses decide where."""
+
+    def __init__(self, app: Heretic, concurrency: int) -> None:
+        self.app = app
+        self.concurrency = concurrency
+
+    def start(self) -> None:
+        """Prepare the slots (prefork forks its children here)."""
+
+    def free_slots(self) -> int:
+        """How many calls could start now."""
+        raise NotImplementedError
+
+    def submit(self, call: dict[str, Any], on_done: Callback) -> None:
+        """Start ``call`` in a free slot; ``on_done(outcome)`` runs when it ends."""
+        raise NotImplementedError
+
+    def maintain(self) -> None:
+        """Replace dead slots; called from the worker's main thread."""
+
+    def stop(self, wait: bool = True) -> None:
+        """Shut the slots down; with ``wait=False``, kill what is running."""
+
+
+class SoloPool(Pool):
+    """Runs each call inline: simplest, one at a time, easy to debug."""
+
+    def free_slots(self) -> int:
+        return 1
+
+    def submit(self, call: dict[str, Any], on_done: Callback) -> None:
+        on_done(_without_live_objects(execute(self.app, call)))
+
+
+class ThreadPool(Pool):
+    """Runs calls in threads: good for I/O-bound tasks."""
+
+    def start(self) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            self.concurrency, thread_name_prefix="heretic-task"
+        )
+        self._busy = 0
+        self._lock = threading.Lock()
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return self.concurrency - self._busy
+
+    def submit(self, call: dict[str, Any], on_done: Callback) -> None:
+        with self._lock:
+            self._busy += 1
+
+        def finished(future: concurrent.futures.Future[dict[str, Any]]) -> None:
+            with self._lock:
+                self._busy -= 1
+            exc = future.exception()
+            if exc is not None:  # a BaseException that escaped execute()
+                on_done({"status": FAILED, "exc": None, "error": repr(exc), "traceback": None})
+            else:
+                on_done(_without_live_objects(future.result()))
+
+        self._executor.submit(execute, self.app, call).add_done_callback(finished)
+
+    def stop(self, wait: bool = True) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=not wait)
+
+
+class _Child:
+    def __init__(self, process: multiprocessing.process.BaseProcess, conn: Any) -> None:
+        self.process = process
+        self.conn = conn
+        self.on_done: Callback | None = None
+        self.dead = False
+
+
+class PreforkPool(Pool):
+    """Runs calls in forked child processes, one call per child at a time."""
+
+    def start(self) -> None:
+        self._context = multiprocessing.get_context("fork")
+        self._lock = threading.Lock()
+        self._children: list[_Child] = [self._spawn() for _ in range(self.concurrency)]
+        self._closing = False
+        self._reader = threading.Thread(target=self._read_loop, name="heretic-pool", daemon=True)
+        self._reader.start()
+
+    def _spawn(self) -> _Child:
+        parent_conn, child_conn = self._context.Pipe()
+        process = self._context.Process(
+            target=_child_main, args=(self.app, child_conn), name="heretic-child", daemon=True
+        )
+        process.start()
+        child_conn.close()
+        return _Child(process, parent_conn)
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return sum(1 for c in self._children if c.on_done is None and not c.dead)
+
+    def submit(self, call: dict[str, Any], on_done: Callback) -> None:
+        with self._lock:
+            child = next(c for c in self._children if c.on_done is None and not c.dead)
+            child.on_done = on_done
+        child.conn.send_bytes(serialization.dumps(call).encode("utf-8"))
+
+    def _read_loop(self) -> None:
+        while not self._closing:
+            with self._lock:
+                by_conn = {c.conn: c for c in self._children if not c.dead}
+                by_sentinel = {c.process.sentinel: c for c in self._children if not c.dead}
+            ready = multiprocessing.connection.wait([*by_conn, *by_sentinel], timeout=0.2)
+            for item in ready:
+                child = by_conn.get(item) or by_sentinel.get(item)  # type: ignore[call-overload]
+                if child is None or child.dead:
+                    continue
+                if item in by_conn:
+                    try:
+                        data = child.conn.recv_bytes()
+                    except (EOFError, OSError):
+                        self._bury(child)
+                        continue
+                    self._deliver(child, serialization.loads(data))
+                else:
+                    self._bury(child)
+
+    def _deliver(self, child: _Child, outcome: dict[str, Any]) -> None:
+        with self._lock:
+            on_done, child.on_done = child.on_done, None
+        if on_done is not None:
+            on_done(outcome)
+
+    def _bury(self, child: _Child) -> None:
+        child.process.join(timeout=1)
+        with self._lock:
+            child.dead = True
+            on_done, child.on_done = child.on_done, None
+        if self._closing:
+            return
+        logger.error("pool child %s exited with code %s", child.process.pid, child.process.exitcode)
+        if on_done is not None:
+            on_done(
+                {
+                    "status": LOST,
+                    "error": f"worker process {child.process.pid} exited with"
+                    f" code {child.process.exitcode} while running the job",
+                }
+            )
+
+    def maintain(self) -> None:
+        with self._lock:
+            dead = [c for c in self._children if c.dead]
+        for child in dead:
+            replacement = self._spawn()
+            with self._lock:
+                self._children[self._children.index(child)] = replacement
+
+    def stop(self, wait: bool = True) -> None:
+        self._closing = True
+        self._reader.join(timeout=2)
+        for child in self._children:
+            child.conn.close()  # the child sees EOF and exits
+        for child in self._children:
+            if wait:
+                child.process.join(timeout=5)
+            if child.process.is_alive():
+                child.process.kill()
+                child.process.join(timeout=5)
+
+
+def _child_main(app: Heretic, conn: Any) -> None:
+    """A prefork child: run calls received on ``conn`` until the parent closes it."""
+    # The parent decides when children stop: a Ctrl-C or SIGTERM to the process group
+    # must not interrupt a running job during a warm shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            break
+        outcome = _without_live_objects(execute(app, serialization.loads(data)))
+        try:
+            encoded = serialization.dumps(outcome)
+        except Exception as exc:  # e.g. retry(args=...) with values JSON cannot hold
+            encoded = serialization.dumps(
+                {
+                    "status": FAILED,
+                    "exc": None,
+                    "error": f"EncodeError: {exc}",
+                    "traceback": None,
+                    "runtime": outcome.get("runtime"),
+                }
+            )
+        conn.send_bytes(encoded.encode("utf-8"))
+    os._exit(0)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this child if the worker dies (no orphaned jobs running)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except Exception:  # not fatal: the child still exits when its pipe closes
+        logger.debug("prctl(PR_SET_PDEATHSIG) unavailable", exc_info=True)
+
+
+def _without_live_objects(outcome: dict[str, Any]) -> dict[str, Any]:
+    outcome.pop("exception", None)
+    return outcome
+
+
+POOLS: dict[str, type[Pool]] = {"prefork": PreforkPool, "threads": ThreadPool, "solo": SoloPool}
