@@ -118,15 +118,23 @@ class PreforkPool(Pool):
     def start(self) -> None:
         self._context = multiprocessing.get_context("fork")
         self._lock = threading.Lock()
-        self._children: list[_Child] = [self._spawn() for _ in range(self.concurrency)]
+        self._children: list[_Child] = []
+        for _ in range(self.concurrency):
+            self._children.append(self._spawn())
         self._closing = False
         self._reader = threading.Thread(target=self._read_loop, name="heretic-pool", daemon=True)
         self._reader.start()
 
     def _spawn(self) -> _Child:
         parent_conn, child_conn = self._context.Pipe()
+        # The child must not keep the parent's ends of any pipe open, or closing them
+        # would never signal EOF to the children at shutdown.
+        inherited = [parent_conn, *(c.conn for c in self._children)]
         process = self._context.Process(
-            target=_child_main, args=(self.app, child_conn), name="heretic-child", daemon=True
+            target=_child_main,
+            args=(self.app, child_conn, inherited),
+            name="heretic-child",
+            daemon=True,
         )
         process.start()
         child_conn.close()
@@ -192,6 +200,7 @@ class PreforkPool(Pool):
             replacement = self._spawn()
             with self._lock:
                 self._children[self._children.index(child)] = replacement
+            child.conn.close()
 
     def stop(self, wait: bool = True) -> None:
         self._closing = True
@@ -206,8 +215,10 @@ class PreforkPool(Pool):
                 child.process.join(timeout=5)
 
 
-def _child_main(app: Heretic, conn: Any) -> None:
+def _child_main(app: Heretic, conn: Any, inherited: list[Any]) -> None:
     """A prefork child: run calls received on ``conn`` until the parent closes it."""
+    for other in inherited:
+        other.close()
     # The parent decides when children stop: a Ctrl-C or SIGTERM to the process group
     # must not interrupt a running job during a warm shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

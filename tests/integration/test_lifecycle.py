@@ -1,0 +1,255 @@
+"""The job lifecycle end to end, on the embedded default and on PostgreSQL + RabbitMQ.
+
+Each case enqueues from this process and runs the jobs in real `heretic worker`
+processes, then checks what a user sees: results, exceptions, states, and the row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import time
+import uuid
+
+import jobs_project
+import pytest
+from conftest import wait_for
+
+from heretic_kombu import exceptions, states
+
+
+def row(app, result):
+    return app.store.get(result.id)
+
+
+def test_result_round_trip_and_the_row(app, start_worker):
+    start_worker()
+    result = jobs_project.add.delay(2, 3)
+    assert result.get(timeout=30) == 5
+    assert result.state == "SUCCESS" and result.successful() and result.ready()
+    job = row(app, result)
+    assert job.status == states.SUCCEEDED
+    assert job.task_name == "jobs_project.add"
+    assert job.payload == {"args": [2, 3], "kwargs": {}}
+    assert job.result == 5 and job.attempts == 1
+    assert len(job.attempt_logs) == 1 and "succeeded" in job.attempt_logs[0]
+    assert job.worker.startswith("w1@") and job.started_at <= job.finished_at
+    echo = jobs_project.echo.delay(
+        {
+            "when": dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc),
+            "id": uuid.UUID(int=7),
+            "text": "héllo \\u0000",
+        }
+    )
+    assert echo.get(timeout=30) == {
+        "when": dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc),
+        "id": uuid.UUID(int=7),
+        "text": "héllo \\u0000",
+    }
+
+
+def test_request_context_inside_the_task(app, start_worker):
+    start_worker()
+    result = jobs_project.whoami.delay()
+    info = result.get(timeout=30)
+    assert info == {"id": result.id, "retries": 0, "args": [], "hostname": info["hostname"]}
+    assert info["hostname"].startswith("w1@")
+
+
+def test_exception_comes_back_with_its_type_and_message(app, start_worker):
+    start_worker()
+    builtin = jobs_project.fail.delay("boom")
+    with pytest.raises(ValueError, match="^boom$"):
+        builtin.get(timeout=30)
+    custom = jobs_project.charge.delay(42)
+    with pytest.raises(jobs_project.PaymentDeclined, match="card declined for 42"):
+        custom.get(timeout=30)
+    assert custom.state == "FAILURE" and custom.failed()
+    assert "PaymentDeclined: card declined for 42" in custom.traceback
+    job = row(app, custom)
+    assert job.status == states.FAILED and job.attempts == 1
+    assert job.error == "PaymentDeclined: card declined for 42"
+    assert "failed: PaymentDeclined" in job.attempt_logs[0]
+
+
+def test_propagate_false_returns_the_exception(app, start_worker):
+    start_worker()
+    result = jobs_project.fail.delay("quiet")
+    value = result.get(timeout=30, propagate=False)
+    assert isinstance(value, ValueError) and str(value) == "quiet"
+    assert isinstance(result.result, ValueError)
+
+
+def test_get_times_out_with_celerys_exception(app):
+    result = jobs_project.add.delay(1, 1)  # no worker runs
+    with pytest.raises(exceptions.TimeoutError):
+        result.get(timeout=0.3)
+    assert result.state == "PENDING"
+    assert row(app, result).status == states.QUEUED
+
+
+def test_retries_with_backoff_then_success(app, start_worker, backend):
+    start_worker()
+    result = jobs_project.flaky.delay(3)
+    assert result.get(timeout=30) == "ok on attempt 3"
+    job = row(app, result)
+    assert job.status == states.SUCCEEDED and job.attempts == 3 and job.max_attempts == 4
+    assert [line.split(": ", 1)[1].split(" ", 1)[0] for line in job.attempt_logs] == [
+        "failed:",
+        "failed:",
+        "succeeded",
+    ]
+    assert "ConnectionError: attempt 1 failed; retry at" in job.attempt_logs[0]
+    failed = backend.events("job_failed")
+    assert [e["attempts"] for e in failed if e["task_id"] == result.id] == [1, 2]
+    assert all(e["status"] == states.RETRYING for e in failed)
+
+
+def test_retries_exhausted(app, start_worker, backend):
+    start_worker()
+    auto = jobs_project.always_down.delay()
+    with pytest.raises(ConnectionError, match="service down"):
+        auto.get(timeout=30)
+    job = row(app, auto)
+    assert job.status == states.FAILED and job.attempts == 3  # max_retries=2: three runs
+    assert len(job.attempt_logs) == 3
+    statuses = [e["status"] for e in backend.events("job_failed") if e["task_id"] == auto.id]
+    assert statuses == [states.RETRYING, states.RETRYING, states.FAILED]
+
+    bare = jobs_project.retry_without_exc.delay()
+    with pytest.raises(exceptions.MaxRetriesExceededError):
+        bare.get(timeout=30)
+    assert row(app, bare).attempts == 2
+
+
+def test_countdown_and_eta_are_not_run_early(app, start_worker):
+    start_worker()
+    sent = time.time()
+    by_countdown = jobs_project.add.apply_async((1, 2), countdown=2)
+    eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=2)
+    by_eta = jobs_project.add.apply_async((3, 4), eta=eta)
+    assert row(app, by_countdown).status == states.SCHEDULED
+    assert by_countdown.state == "PENDING"
+    time.sleep(1.0)
+    assert row(app, by_countdown).status == states.SCHEDULED
+    assert row(app, by_eta).status == states.SCHEDULED
+    assert by_countdown.get(timeout=30) == 3 and by_eta.get(timeout=30) == 7
+    assert row(app, by_countdown).started_at.timestamp() >= sent + 2
+    assert row(app, by_eta).started_at >= eta
+
+
+def test_expired_job_never_runs_and_is_revoked(app, start_worker):
+    past = jobs_project.add.apply_async((1, 1), expires=0.2)
+    scheduled = jobs_project.add.apply_async((1, 1), countdown=0.5, expires=0.3)
+    time.sleep(0.6)
+    start_worker()
+    for result in (past, scheduled):
+        with pytest.raises(exceptions.TaskRevokedError):
+            result.get(timeout=30)
+        assert result.state == "REVOKED"
+        job = row(app, result)
+        assert job.status == states.REVOKED and job.attempts == 0 and job.started_at is None
+
+
+def test_row_status_at_every_step(app, start_worker, tmp_path):
+    marker = tmp_path / "started"
+    result = jobs_project.slow.delay(1.5, str(marker))
+    assert row(app, result).status == states.QUEUED and result.state == "PENDING"
+    start_worker()
+    wait_for(marker.exists, 30, "the job to start")
+    assert row(app, result).status == states.STARTED and result.state == "STARTED"
+    assert result.get(timeout=30) == 1.5
+    assert row(app, result).status == states.SUCCEEDED
+
+    retried = jobs_project.flaky.apply_async((2,))
+    wait_for(
+        lambda: row(app, retried).status in (states.RETRYING, states.SUCCEEDED),
+        30,
+        "the first attempt to fail",
+    )
+    assert retried.get(timeout=30) == "ok on attempt 2"
+
+
+def test_non_json_arguments_fail_at_delay_and_write_nothing(app, backend):
+    with pytest.raises(exceptions.EncodeError):
+        jobs_project.echo.delay(object())
+    with pytest.raises(exceptions.EncodeError):
+        jobs_project.echo.delay("nul \x00 byte")
+    with pytest.raises(exceptions.EncodeError):
+        jobs_project.echo.delay(float("nan"))
+    assert app.store.list() == []
+    assert app.broker.queue_size(backend.queue) == 0
+
+
+def test_original_heretic_api_process_enqueue_and_events(app, start_worker, backend):
+    start_worker()
+    ok = app.enqueue("report.build", {"customer": "acme"})
+    assert ok.get(timeout=30) == {"customer": "acme", "attempt": 1}
+    bad = app.enqueue("report.build", {"customer": "globex", "fail": True}, max_attempts=3)
+    with pytest.raises(RuntimeError, match="report for globex failed"):
+        bad.get(timeout=60)
+    job = row(app, bad)
+    assert job.status == states.FAILED and job.attempts == 3 and job.max_attempts == 3
+    assert job.payload == {"args": [{"customer": "globex", "fail": True}], "kwargs": {}}
+    failed = [e for e in backend.events("job_failed") if e["task_id"] == bad.id]
+    assert [e["attempts"] for e in failed] == [1, 2, 3]
+    assert failed[-1]["status"] == states.FAILED
+
+
+def test_prefork_child_death_is_a_lost_attempt_then_failure(app, start_worker):
+    worker = start_worker()
+    result = jobs_project.die.delay()
+    with pytest.raises(exceptions.WorkerLostError):
+        result.get(timeout=30)
+    job = row(app, result)
+    assert job.attempts == 2 and job.status == states.FAILED  # max_retries=1
+    assert all("lost" in line for line in job.attempt_logs)
+    assert jobs_project.add.delay(1, 2).get(timeout=30) == 3  # the pool replaced the child
+    assert worker.process.poll() is None
+
+
+def test_worker_sigkilled_mid_job_runs_it_again_on_a_new_worker(app, start_worker, tmp_path):
+    marker = tmp_path / "started"
+    first = start_worker()
+    result = jobs_project.slow.delay(1.0, str(marker))
+    wait_for(marker.exists, 30, "the job to start")
+    first.kill()
+    marker.unlink()
+    second = start_worker()
+    assert result.get(timeout=60) == 1.0
+    job = row(app, result)
+    assert job.status == states.SUCCEEDED and job.attempts == 2
+    assert len(job.attempt_logs) == 2
+    assert "attempt 1 on w1@" in job.attempt_logs[0] and "lost" in job.attempt_logs[0]
+    assert "attempt 2 on w2@" in job.attempt_logs[1] and "succeeded" in job.attempt_logs[1]
+    assert second.process.poll() is None
+
+
+def test_sigterm_finishes_running_jobs_and_loses_nothing(app, start_worker, tmp_path):
+    marker = tmp_path / "started"
+    results = [jobs_project.slow.delay(0.5, str(marker)) for _ in range(12)]
+    first = start_worker(concurrency=2)
+    wait_for(marker.exists, 30, "a job to start")
+    assert first.terminate(timeout=30) == 0
+    log = first.log()
+    assert "warm shutdown" in log
+    statuses = [row(app, r).status for r in results]
+    assert states.STARTED not in statuses  # running jobs were finished and recorded
+    assert statuses.count(states.SUCCEEDED) >= 1
+    start_worker(concurrency=2)
+    assert [r.get(timeout=60) for r in results] == [0.5] * 12
+    assert all(row(app, r).attempts == 1 for r in results)  # nothing ran twice
+
+
+def test_second_signal_exits_at_once_and_the_job_is_redelivered(app, start_worker, tmp_path):
+    marker = tmp_path / "started"
+    result = jobs_project.slow.delay(3, str(marker))
+    first = start_worker()
+    wait_for(marker.exists, 30, "the job to start")
+    first.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(timeout=10) == 1  # did not wait for the 3 s job
+    start_worker()
+    assert result.get(timeout=60) == 3
+    assert row(app, result).attempts == 2

@@ -1,0 +1,113 @@
+"""A Celery-style project the integration tests run real workers on.
+
+Written as for Celery but for the import line. Events are appended to the file named
+by HERETIC_TEST_EVENTS so tests can see what the worker process fired.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from heretic_kombu import Heretic, shared_task
+
+app = Heretic("jobs_project")
+
+
+class PaymentDeclined(Exception):
+    """A user-defined exception that must come back to the caller with its type."""
+
+
+def _record_event(kind: str, **fields: object) -> None:
+    path = os.environ.get("HERETIC_TEST_EVENTS")
+    if path:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"event": kind, **fields}, default=str) + "\n")
+
+
+app.on(
+    "job_error",
+    lambda error: _record_event(
+        "job_error", reason=error.reason, task_id=error.task_id, queue=error.queue
+    ),
+)
+app.on(
+    "job_failed",
+    lambda exc, job: _record_event(
+        "job_failed", error=repr(exc), task_id=job.task_id, status=job.status, attempts=job.attempts
+    ),
+)
+
+
+@shared_task
+def add(x, y):
+    return x + y
+
+
+@shared_task
+def echo(value):
+    return value
+
+
+@shared_task
+def charge(amount):
+    raise PaymentDeclined(f"card declined for {amount}")
+
+
+@shared_task
+def fail(message):
+    raise ValueError(message)
+
+
+@shared_task(bind=True)
+def whoami(self):
+    return {
+        "id": self.request.id,
+        "retries": self.request.retries,
+        "args": self.request.args,
+        "hostname": self.request.hostname,
+    }
+
+
+@shared_task(bind=True, max_retries=3)
+def flaky(self, succeed_on_attempt):
+    """Fails until the given attempt (1-based), retrying with exponential backoff."""
+    if self.request.retries + 1 < succeed_on_attempt:
+        raise self.retry(
+            exc=ConnectionError(f"attempt {self.request.retries + 1} failed"),
+            countdown=0.2 * 2**self.request.retries,
+        )
+    return f"ok on attempt {self.request.retries + 1}"
+
+
+@shared_task(autoretry_for=(ConnectionError,), retry_backoff=0.1, retry_jitter=False, max_retries=2)
+def always_down():
+    raise ConnectionError("service down")
+
+
+@shared_task(bind=True, max_retries=1, default_retry_delay=0.1)
+def retry_without_exc(self):
+    raise self.retry()
+
+
+@shared_task(max_retries=1)
+def slow(seconds, marker=None):
+    """Sleeps; touches `marker` when it starts so tests know it is running."""
+    if marker:
+        Path(marker).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return seconds
+
+
+@shared_task(max_retries=1)
+def die():
+    os._exit(13)
+
+
+@app.process("report.build")
+def build_report(job):
+    if job.payload.get("fail"):
+        raise RuntimeError(f"report for {job.payload['customer']} failed")
+    return {"customer": job.payload["customer"], "attempt": job.attempts}
