@@ -88,6 +88,4 @@ def cli(ctx: click.Context, app_name: str | None) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    from . import db, jobs, worker  # noqa: F401 - registers the commands
-
     cli(prog_name="heretic")

@@ -27,7 +27,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from .. import serialization, states
 from ..exceptions import StoreError
-from .tables import SCHEMA_VERSION, jobs, metadata, schema_version
+from .tables import SCHEMA_VERSION, jobs, metadata, schema_version, updated_at_trigger
 
 # Any number; PostgreSQL advisory lock that serialises concurrent `db init`s.
 _INIT_LOCK_KEY = 0x68657265  # "here"
@@ -443,10 +443,8 @@ def render_postgresql_ddl() -> str:
         parts.append(str(CreateTable(table).compile(dialect=dialect)).strip() + ";")
         for index in sorted(table.indexes, key=lambda i: i.name or ""):
             parts.append(str(CreateIndex(index).compile(dialect=dialect)).strip() + ";")
-        for listener in table.dispatch.after_create:
-            ddl = getattr(listener, "__self__", None)
-            if isinstance(ddl, sa.DDL):
-                parts.append(ddl.statement.strip() + ";")
+        if table is jobs:
+            parts.extend(ddl.statement.strip() + ";" for ddl in updated_at_trigger)
     parts.append(f"INSERT INTO {schema_version.name} (version) VALUES ({SCHEMA_VERSION});")
     header = (
         "-- heretic_kombu schema, rendered from heretic_kombu/store/tables.py"

@@ -114,9 +114,7 @@ schema_version = Table(
 )
 
 # The original heretic kept updated_at current with a trigger; so do we (PostgreSQL).
-event.listen(
-    jobs,
-    "after_create",
+updated_at_trigger = (
     DDL(
         "CREATE OR REPLACE FUNCTION heretic_updated_at_timestamp() RETURNS TRIGGER AS $$\n"
         "BEGIN\n"
@@ -124,14 +122,12 @@ event.listen(
         "  RETURN NEW;\n"
         "END;\n"
         "$$ LANGUAGE plpgsql"
-    ).execute_if(dialect="postgresql"),
-)
-event.listen(
-    jobs,
-    "after_create",
+    ),
     DDL(
         "CREATE TRIGGER update_heretic_jobs_updated_at\n"
         "  BEFORE UPDATE ON heretic_jobs\n"
         "  FOR EACH ROW EXECUTE PROCEDURE heretic_updated_at_timestamp()"
-    ).execute_if(dialect="postgresql"),
+    ),
 )
+for _ddl in updated_at_trigger:
+    event.listen(jobs, "after_create", _ddl.execute_if(dialect="postgresql"))

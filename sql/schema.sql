@@ -1,0 +1,63 @@
+-- heretic_kombu schema, rendered from heretic_kombu/store/tables.py (`heretic db sql`).
+-- Schema version 1. Do not edit by hand: change tables.py and re-render.
+CREATE TABLE heretic_jobs (
+	id BIGSERIAL NOT NULL, 
+	queue_name TEXT NOT NULL, 
+	status TEXT DEFAULT 'pending' NOT NULL, 
+	payload JSONB, 
+	attempt_logs TEXT[] DEFAULT '{}'::text[] NOT NULL, 
+	max_attempts INTEGER DEFAULT 1 NOT NULL, 
+	created_at TIMESTAMP WITH TIME ZONE DEFAULT CURRENT_TIMESTAMP NOT NULL, 
+	updated_at TIMESTAMP WITH TIME ZONE DEFAULT CURRENT_TIMESTAMP NOT NULL, 
+	last_attempted_at TIMESTAMP WITH TIME ZONE, 
+	task_id UUID NOT NULL, 
+	task_name TEXT NOT NULL, 
+	attempts INTEGER DEFAULT 0 NOT NULL, 
+	eta TIMESTAMP WITH TIME ZONE, 
+	expires_at TIMESTAMP WITH TIME ZONE, 
+	priority INTEGER, 
+	result JSONB, 
+	error TEXT, 
+	traceback TEXT, 
+	parent_id UUID, 
+	root_id UUID, 
+	group_id UUID, 
+	worker TEXT, 
+	started_at TIMESTAMP WITH TIME ZONE, 
+	finished_at TIMESTAMP WITH TIME ZONE, 
+	PRIMARY KEY (id), 
+	UNIQUE (task_id)
+);
+
+CREATE INDEX heretic_jobs_created_at_idx ON heretic_jobs (created_at);
+
+CREATE INDEX heretic_jobs_due_idx ON heretic_jobs (eta) WHERE status IN ('scheduled', 'retrying');
+
+CREATE INDEX heretic_jobs_payload_idx ON heretic_jobs USING gin (payload jsonb_path_ops);
+
+CREATE INDEX heretic_jobs_queue_name_idx ON heretic_jobs (queue_name);
+
+CREATE INDEX heretic_jobs_root_id_idx ON heretic_jobs (root_id);
+
+CREATE INDEX heretic_jobs_status_idx ON heretic_jobs (status);
+
+CREATE INDEX heretic_jobs_task_name_idx ON heretic_jobs (task_name);
+
+CREATE OR REPLACE FUNCTION heretic_updated_at_timestamp() RETURNS TRIGGER AS $$
+BEGIN
+  NEW.updated_at = now();
+  RETURN NEW;
+END;
+$$ LANGUAGE plpgsql;
+
+CREATE TRIGGER update_heretic_jobs_updated_at
+  BEFORE UPDATE ON heretic_jobs
+  FOR EACH ROW EXECUTE PROCEDURE heretic_updated_at_timestamp();
+
+CREATE TABLE heretic_schema_version (
+	version INTEGER NOT NULL, 
+	applied_at TIMESTAMP WITH TIME ZONE DEFAULT CURRENT_TIMESTAMP NOT NULL, 
+	PRIMARY KEY (version)
+);
+
+INSERT INTO heretic_schema_version (version) VALUES (1);

@@ -1,0 +1,86 @@
+"""The `heretic` command line, run as a user runs it (a subprocess per command)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jobs_project
+import pytest
+from conftest import PROJECTS
+
+from heretic_kombu import states
+
+
+def heretic(*args, env=None):
+    environment = dict(os.environ, **(env or {}))
+    environment["PYTHONPATH"] = str(PROJECTS)
+    return subprocess.run(
+        [sys.executable, "-m", "heretic_kombu.cli", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_db_init_is_idempotent(backend):
+    first = heretic("db", "init")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("created: heretic_jobs")
+    second = heretic("db", "init")
+    assert second.returncode == 0 and second.stdout.startswith("already present")
+
+
+def test_jobs_list_and_show(app, start_worker, backend):
+    start_worker()
+    ok = jobs_project.add.delay(1, 2)
+    bad = jobs_project.fail.delay("nope")
+    assert ok.get(timeout=30) == 3
+    bad.get(timeout=30, propagate=False)
+
+    table = heretic("-A", "jobs_project", "jobs", "list")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:5] == ["ID", "TASK", "ID", "TASK", "QUEUE"]
+    assert any(bad.id in line and "failed" in line and "ValueError: nope" in line for line in lines)
+
+    as_json = heretic("jobs", "list", "--status", "failed", "--json")
+    rows = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [r["task_id"] for r in rows] == [bad.id]
+    assert rows[0]["status"] == states.FAILED and rows[0]["queue_name"] == backend.queue
+
+    by_task = heretic("jobs", "list", "--task", "jobs_project.add", "--json")
+    assert [json.loads(line)["task_id"] for line in by_task.stdout.splitlines()] == [ok.id]
+    none = heretic("jobs", "list", "--queue", "no-such-queue", "--json")
+    assert none.returncode == 0 and none.stdout == ""
+
+    shown = heretic("jobs", "show", bad.id)
+    assert shown.returncode == 0
+    assert "ValueError: nope" in shown.stdout and "attempt 1 on w1@" in shown.stdout
+    assert "Traceback" in shown.stdout
+    assert json.loads(heretic("jobs", "show", bad.id, "--json").stdout)["attempts"] == 1
+
+
+def test_unknown_job_exits_3_and_bad_settings_exit_1(backend):
+    missing = heretic("jobs", "show", "00000000-0000-0000-0000-000000000000")
+    assert missing.returncode == 3 and "no job" in missing.stderr
+    garbage = heretic("jobs", "show", "'; DROP TABLE heretic_jobs; --")
+    assert garbage.returncode == 3
+    assert heretic("jobs", "list").returncode == 0  # the table is still there
+    bad_pool = heretic("worker", "-A", "jobs_project", "-P", "gevent")
+    assert bad_pool.returncode == 2 and "gevent" in bad_pool.stderr
+    bad_env = heretic("jobs", "list", env={"HERETIC_PREFETCH_MULTIPLIER": "many"})
+    assert bad_env.returncode == 1
+    assert "HERETIC_PREFETCH_MULTIPLIER" in bad_env.stderr and "Traceback" not in bad_env.stderr
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("backend", ["services"], indirect=True)  # URLs with passwords
+def test_password_never_printed(backend):
+    with_password = backend.database_url.replace("postgres@", "postgres:s3cr3t-pw@")
+    result = heretic("db", "init", env={"HERETIC_DATABASE_URL": with_password})
+    assert result.returncode == 0, result.stderr
+    assert "s3cr3t-pw" not in result.stdout + result.stderr and "***" in result.stdout
