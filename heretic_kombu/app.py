@@ -20,7 +20,7 @@ from typing import Any
 from . import protocol, serialization, states
 from . import retry as retry_policy
 from .broker import Broker
-from .config import Settings
+from .config import Settings, refuse_non_json
 from .exceptions import ConfigurationError, HereticKombuError, NotRegistered
 from .result import AsyncResult
 from .store import JobStore, NewJob, utcnow
@@ -112,6 +112,7 @@ class Heretic:
         return self._settings
 
     def _settings_changed(self) -> None:
+        refuse_non_json(self.conf)  # fail where pickle is asked for, not at the first send
         self._settings = None
         self.close()
 

@@ -82,7 +82,7 @@ class Settings:
         """Build settings from app config and the environment (``os.environ`` by default)."""
         conf = dict(conf or {})
         env = os.environ if env is None else env
-        _refuse_non_json(conf)
+        refuse_non_json(conf)
         values: dict[str, Any] = {}
         for celery_key, name in CELERY_KEYS.items():
             if conf.get(celery_key) is not None:
@@ -101,13 +101,19 @@ class Settings:
     def validate(self) -> None:
         """Raise :class:`ConfigurationError` for values no worker could use."""
         if self.pool not in POOLS:
-            raise ConfigurationError(f"pool must be one of {', '.join(POOLS)}, not {self.pool!r}")
+            raise ConfigurationError(
+                f"pool ({env_var('pool')}) must be one of {', '.join(POOLS)}, not {self.pool!r}"
+            )
         if self.prefetch_multiplier < 1:
-            raise ConfigurationError("prefetch_multiplier must be at least 1")
+            raise ConfigurationError(
+                f"prefetch_multiplier ({env_var('prefetch_multiplier')}) must be at least 1"
+            )
         if self.concurrency < 0:
-            raise ConfigurationError("concurrency must be 0 (one per CPU) or more")
+            raise ConfigurationError(
+                f"concurrency ({env_var('concurrency')}) must be 0 (one per CPU) or more"
+            )
         if not self.default_queue:
-            raise ConfigurationError("default_queue must not be empty")
+            raise ConfigurationError(f"default_queue ({env_var('default_queue')}) is empty")
 
     @property
     def effective_concurrency(self) -> int:
@@ -138,7 +144,8 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-def _refuse_non_json(conf: Mapping[str, Any]) -> None:
+def refuse_non_json(conf: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigurationError` if ``conf`` lets any content but JSON in."""
     for key in _SERIALIZER_KEYS:
         value = conf.get(key)
         if value is None:

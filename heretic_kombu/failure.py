@@ -2,15 +2,17 @@
 
 The row keeps ``{"exc_type", "exc_module", "exc_message"}`` in ``result`` (as Celery's
 result backends do), a one-line ``error`` for search, and the formatted ``traceback``.
-Rebuilding imports the exception's class by name only if it is an exception class;
+Rebuilding looks the class up only in modules this process has already imported (rows
+are data, and importing a module named by data would run its code; Celery made the same
+choice after CVE-2021-23727). A class found there that is an exception is used as is;
 otherwise a stand-in class with the same name and module is made, so the caller still
 sees the type name and message.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
+import sys
 from typing import Any
 
 from . import exceptions
@@ -55,7 +57,7 @@ def rebuild(meta: Any) -> BaseException:
 def _find_class(module: str, name: str) -> type[BaseException]:
     if _DOTTED.match(module) and _DOTTED.match(name):
         try:
-            found: Any = importlib.import_module(module)
+            found: Any = sys.modules[module]
             for part in name.split("."):
                 found = getattr(found, part)
             if isinstance(found, type) and issubclass(found, BaseException):

@@ -93,8 +93,8 @@ def decode(
         )
     try:
         decoded = serialization.loads(body if body is not None else b"")
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise MalformedMessage(f"body is not valid JSON: {exc}") from exc
+    except Exception as exc:  # kombu's typed-value hooks raise TypeError, AttributeError…
+        raise MalformedMessage(f"body is not valid JSON: {exc!r}") from exc
     if not (isinstance(decoded, list) and len(decoded) == 3):
         raise MalformedMessage("body must be a JSON array [args, kwargs, embed]")
     args, kwargs, embed = decoded

@@ -109,7 +109,13 @@ class Worker:
         self._subscription.drain(timeout)
         self._record_finished()
         while self._inbox and self.pool.free_slots() > 0 and not self._stopping:
-            self._handle(self._inbox.popleft())
+            delivery = self._inbox.popleft()
+            try:
+                self._handle(delivery)
+            except Exception as exc:
+                # A bug of ours must not crash every worker the message is redelivered to.
+                logger.exception("unexpected error handling a message")
+                self._dead_letter(delivery, f"internal error: {exc!r}", _header_id(delivery))
             self._record_finished()
         self._tick()
         self.pool.maintain()

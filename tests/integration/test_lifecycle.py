@@ -253,3 +253,21 @@ def test_second_signal_exits_at_once_and_the_job_is_redelivered(app, start_worke
     start_worker()
     assert result.get(timeout=60) == 3
     assert row(app, result).attempts == 2
+
+
+def test_worker_consumes_only_its_queues(app, start_worker, backend):
+    mail = f"{backend.queue}_mail"
+    start_worker("-Q", f"{mail},{backend.queue}")
+    to_mail = jobs_project.add.apply_async((1, 1), queue=mail)
+    to_default = jobs_project.add.apply_async((2, 2))
+    assert to_mail.get(timeout=30) == 2 and to_default.get(timeout=30) == 4
+    assert row(app, to_mail).queue_name == mail
+    other = jobs_project.add.apply_async((3, 3), queue=f"{backend.queue}_other")
+    with pytest.raises(exceptions.TimeoutError):
+        other.get(timeout=1.0)
+    assert row(app, other).status == states.QUEUED
+    if backend.name == "services":
+        from conftest import _delete_queues
+
+        for name in (mail, f"{backend.queue}_other"):
+            _delete_queues(name)

@@ -241,9 +241,10 @@ def test_json_serializer_settings_are_accepted(conf: dict[str, Any]) -> None:
 
 def test_app_with_pickle_serializer_is_refused(make_app: Callable[..., Heretic]) -> None:
     app = make_app("unit")
-    app.conf.update(task_serializer="pickle")
     with pytest.raises(ConfigurationError, match="task_serializer"):
-        app.settings  # noqa: B018 - building the settings is what refuses
+        app.conf.update(task_serializer="pickle")
+    with pytest.raises(ConfigurationError, match="accept_content"):
+        make_app("unit", accept_content=["json", "pickle"])
 
 
 # -- the app's settings --------------------------------------------------------------

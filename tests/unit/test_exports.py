@@ -100,4 +100,3 @@ def test_exceptions_default_to_their_docstring_message() -> None:
     assert str(heretic_kombu.exceptions.TaskRevokedError()) == (
         "The task was revoked or expired before it ran."
     )
-

@@ -180,15 +180,6 @@ def test_odd_type_names_still_give_an_exception(name: str) -> None:
     assert str(again) == "m"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "failure.py:58 imports whatever module a row's exc_module names (running its "
-        "top-level code) before checking for an exception class; Celery (since the fix for "
-        "CVE-2021-23727) only looks in sys.modules and never imports from result metadata"
-    ),
-)
 def test_rebuild_does_not_import_modules_named_by_the_row(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -252,16 +252,6 @@ def test_job_id_header_that_is_not_an_int_is_refused(job_id: Any) -> None:
         {"__type__": "bytes", "__value__": 5},
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    raises=(TypeError, AttributeError),
-    reason=(
-        "protocol.py:96 catches only ValueError/UnicodeDecodeError/RecursionError from "
-        "serialization.loads; kombu's typed-value decoders raise TypeError/AttributeError "
-        "for a malformed envelope, which escapes decode() (and the worker's _handle, which "
-        "catches only MalformedMessage)"
-    ),
-)
 def test_malformed_typed_value_envelope_is_refused(value: dict[str, Any]) -> None:
     refused(json.dumps([[value], {}, None]).encode())
 
@@ -284,22 +274,3 @@ def test_new_task_ids_are_distinct_uuid4s() -> None:
 def test_check_task_id_rejects_non_uuids(value: Any) -> None:
     with pytest.raises(ValueError):
         protocol.check_task_id(value)
-
-
-@pytest.mark.parametrize(
-    "body",
-    [b"[[NaN], {}, null]", b'[[], {"x": Infinity}, null]', b'[["a\\u0000b"], {}, null]'],
-)
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason=(
-        "protocol.py:94-119 accepts NaN/Infinity and NUL characters in a Celery client's "
-        "args/kwargs (Celery's JSON allows NaN), but they can never be written to the job "
-        "table: worker.py:193 (_adopt) calls serialization.dumps on them and the EncodeError "
-        "escapes _handle/_step, stopping the worker; decode() should refuse them (or _adopt "
-        "should dead-letter)"
-    ),
-)
-def test_args_the_job_table_cannot_hold_are_refused(body: bytes) -> None:
-    refused(body)

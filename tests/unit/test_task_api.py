@@ -17,7 +17,7 @@ import kombu.exceptions
 import pytest
 
 from heretic_kombu import EagerResult, Heretic, MaxRetriesExceededError, Task
-from heretic_kombu.exceptions import ConfigurationError, EncodeError, NotRegistered
+from heretic_kombu.exceptions import ConfigurationError, EncodeError
 from heretic_kombu.store import utcnow
 
 MakeApp = Callable[..., Heretic]
@@ -552,7 +552,3 @@ def test_send_task_by_name_to_an_unregistered_task_writes_its_row(app: Heretic) 
     assert job is not None
     assert job.task_name == "elsewhere.task"
     assert job.payload == {"args": [1], "kwargs": {"k": "v"}}
-
-
-def test_not_registered_is_a_key_error() -> None:
-    assert issubclass(NotRegistered, KeyError)
