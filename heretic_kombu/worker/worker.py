@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .. import failure, protocol, serialization, states
 from .. import retry as retry_policy
 from ..broker import Delivery, Subscription
-from ..exceptions import MalformedMessage, StoreError, WorkerLostError
+from ..exceptions import EncodeError, MalformedMessage, StoreError, WorkerLostError
 from ..execution import FAILED, LOST, RETRY, SUCCEEDED
 from ..store import AttemptResult, Job, NewJob, log_line, utcnow
 from .pool import POOLS, Pool
@@ -192,11 +192,16 @@ class Worker:
         """Write the row of a message sent by a Celery client; ``False`` if done with it."""
         now = utcnow()
         later = message.eta is not None and message.eta > now
+        try:
+            payload = serialization.dumps({"args": message.args, "kwargs": message.kwargs})
+        except EncodeError as exc:  # e.g. NaN or NUL, which Celery's JSON lets through
+            self._dead_letter(delivery, f"arguments cannot be stored: {exc}", message.id)
+            return False
         row = NewJob(
             task_id=message.id,
             task_name=message.task,
             queue_name=delivery.queue,
-            payload=serialization.dumps({"args": message.args, "kwargs": message.kwargs}),
+            payload=payload,
             max_attempts=retry_policy.max_attempts_for(self.app.tasks[message.task].max_retries),
             status=states.SCHEDULED if later else states.QUEUED,
             eta=message.eta if later else None,

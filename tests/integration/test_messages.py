@@ -115,6 +115,12 @@ def test_malformed_messages_are_dead_lettered_and_good_jobs_keep_flowing(
             _celery_headers("jobs_project.add", heretic_job_id=987654321),
         ),
         (
+            "NaN from a Celery client",
+            "[[NaN], {}, {}]",
+            "application/json",
+            _celery_headers("jobs_project.echo"),
+        ),
+        (
             "protocol v1",
             json.dumps({"task": "jobs_project.add", "id": str(uuid.uuid4()), "args": [1, 2]}),
             "application/json",
@@ -147,6 +153,7 @@ def test_malformed_messages_are_dead_lettered_and_good_jobs_keep_flowing(
         "application/x-python-serialize",
         "does not exist",
         "protocol v2",
+        "arguments cannot be stored",
     ):
         assert expected in joined
     assert not exploit_file.exists()
