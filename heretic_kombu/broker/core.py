@@ -166,8 +166,8 @@ class Broker:
         declare_queue: str | None = None,
         content_type: str = protocol.CONTENT_TYPE,
     ) -> None:
-        producer = self._producer()
         try:
+            producer = self._producer()
             self._declare_once(producer.channel, declare_queue or routing_key)
             producer.publish(
                 body,

@@ -271,3 +271,21 @@ def test_worker_consumes_only_its_queues(app, start_worker, backend):
 
         for name in (mail, f"{backend.queue}_other"):
             _delete_queues(name)
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("backend", ["services"], indirect=True)  # a broker that refuses
+def test_unconfirmed_publish_raises_and_leaves_the_row_pending(backend, monkeypatch):
+    monkeypatch.setenv("HERETIC_BROKER_URL", "amqp://guest:guest@127.0.0.1:1//")
+    from heretic_kombu import Heretic
+
+    unreachable = Heretic("unreachable")
+    try:
+        started = time.monotonic()
+        with pytest.raises(exceptions.PublishError, match="not confirmed"):
+            jobs_project.add.delay(1, 2)
+        assert time.monotonic() - started < 30
+        rows = unreachable.store.list()
+        assert [r.status for r in rows] == [states.PENDING]  # never a false "queued"
+    finally:
+        unreachable.close()
