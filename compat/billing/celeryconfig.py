@@ -1,5 +1,7 @@
 """Celery-style settings module: Celery's key names, read by app.config_from_object."""
 
+from __future__ import annotations
+
 task_serializer = "json"
 accept_content = ["json"]
 result_serializer = "json"

@@ -1,5 +1,7 @@
 """Billing tasks, written against Celery's documented API."""
 
+from __future__ import annotations
+
 from heretic_kombu import shared_task  # celery: from celery import shared_task
 from heretic_kombu.exceptions import MaxRetriesExceededError  # celery: from celery.exceptions
 

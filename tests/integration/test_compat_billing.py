@@ -19,7 +19,6 @@ def billing(backend, monkeypatch, tmp_path):
     monkeypatch.delenv("HERETIC_DEFAULT_QUEUE")  # the project's task_default_queue applies
     monkeypatch.syspath_prepend(str(COMPAT))
     import billing.celery as module
-
     import billing.tasks  # noqa: F401
 
     module.app.conf.update(database_url=backend.database_url)  # resets cached settings
