@@ -23,6 +23,7 @@ from .broker import Broker
 from .config import Settings, refuse_non_json
 from .exceptions import ConfigurationError, HereticKombuError, NotRegistered
 from .result import AsyncResult
+from .store import Job as JobRow
 from .store import JobStore, NewJob, utcnow
 from .task import Task, current_request, make_task
 
@@ -326,25 +327,34 @@ class Heretic:
             root_id=root_id,
             group_id=options.get("group_id"),
         )
-        job_id = self.store.insert(job)
+        row = self.store.insert(job)
         if not scheduled:
-            self.broker.publish(
-                protocol.TaskMessage(
-                    id=task_id,
-                    task=name,
-                    args=args,
-                    kwargs=kwargs,
-                    expires=expires_at,
-                    root_id=root_id,
-                    parent_id=parent_id,
-                    group=job.group_id,
-                    job_id=job_id,
-                    priority=priority,
-                ),
-                queue_name,
-            )
+            self.publish_job(row)
             self.store.mark_queued(task_id)
         return AsyncResult(task_id, app=self, task_name=name)
+
+    def publish_job(self, job: JobRow) -> None:
+        """Publish the message of a row already written (the row is the source of truth).
+
+        Raises:
+            PublishError: the broker did not confirm the message.
+        """
+        self.broker.publish(
+            protocol.TaskMessage(
+                id=job.task_id,
+                task=job.task_name,
+                args=job.args,
+                kwargs=job.kwargs,
+                retries=job.attempts,
+                expires=job.expires_at,
+                root_id=job.root_id,
+                parent_id=job.parent_id,
+                group=job.group_id,
+                job_id=job.id,
+                priority=job.priority,
+            ),
+            job.queue_name,
+        )
 
     def _run_eagerly(
         self, name: str, args: list[Any], kwargs: dict[str, Any], task_id: str | None

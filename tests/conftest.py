@@ -13,13 +13,10 @@ stopped by the fixture (SIGTERM, then SIGKILL after a bounded wait).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,54 +24,15 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-PROJECTS = ROOT / "tests" / "projects"
-REQUIRE_SERVICES = os.environ.get("HERETIC_REQUIRE_SERVICES") == "1"
-PG_ADMIN_URL = os.environ.get(
-    "HERETIC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import (  # noqa: E402 - tests/ must be importable first
+    AMQP_URL,
+    PG_ADMIN_URL,
+    Backend,
+    WorkerProcess,
+    delete_queues,
+    require_services,
 )
-AMQP_URL = os.environ.get("HERETIC_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-
-if str(PROJECTS) not in sys.path:
-    sys.path.insert(0, str(PROJECTS))
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def services_unavailable() -> str | None:
-    """Why PostgreSQL or RabbitMQ cannot be used, or ``None`` if both answer."""
-    import kombu
-    import psycopg2
-
-    try:
-        psycopg2.connect(PG_ADMIN_URL, connect_timeout=3).close()
-    except Exception as exc:
-        return f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}"
-    try:
-        with kombu.Connection(AMQP_URL, connect_timeout=3) as conn:
-            conn.ensure_connection(max_retries=1)
-    except Exception as exc:
-        return f"RabbitMQ not reachable at {AMQP_URL}: {exc}"
-    return None
-
-
-def require_services() -> None:
-    reason = services_unavailable()
-    if reason is None:
-        return
-    if REQUIRE_SERVICES:
-        pytest.fail(f"{reason} (HERETIC_REQUIRE_SERVICES=1: a skip here is a failure)")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -99,25 +57,6 @@ def pg_database() -> Iterator[str]:
             )
             cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.close()
-
-
-@dataclasses.dataclass
-class Backend:
-    """Where the test's jobs live: URLs, the test's own queue, and its event log."""
-
-    name: str
-    database_url: str
-    broker_url: str
-    queue: str
-    events_path: Path
-
-    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
-        """Events the worker processes fired (job_error / job_failed), in order."""
-        if not self.events_path.exists():
-            return []
-        lines = self.events_path.read_text(encoding="utf-8").splitlines()
-        found = [json.loads(line) for line in lines if line.strip()]
-        return [e for e in found if kind is None or e["event"] == kind]
 
 
 @pytest.fixture(params=["embedded", pytest.param("services", marks=pytest.mark.services)])
@@ -150,7 +89,7 @@ def backend(
         monkeypatch.setenv(key, value)
     yield chosen
     if chosen.name == "services":
-        _delete_queues(chosen.queue)
+        delete_queues(chosen.queue)
 
 
 def _truncate(database_url: str) -> None:
@@ -163,17 +102,6 @@ def _truncate(database_url: str) -> None:
     engine.dispose()
 
 
-def _delete_queues(queue: str) -> None:
-    import kombu
-
-    with kombu.Connection(AMQP_URL) as conn:
-        for name in (queue, f"{queue}.dead"):
-            with contextlib.suppress(Exception):
-                conn.default_channel.queue_delete(name)
-            with contextlib.suppress(Exception):
-                conn.default_channel.exchange_delete(name)
-
-
 @pytest.fixture
 def app(backend: Backend) -> Iterator[Any]:
     """An app configured from the backend's environment; shared tasks bind to it."""
@@ -184,64 +112,6 @@ def app(backend: Backend) -> Iterator[Any]:
     application = Heretic("tests")
     yield application
     application.close()
-
-
-class WorkerProcess:
-    """A ``heretic worker`` started through the CLI, as a user runs it."""
-
-    def __init__(self, args: list[str], log_path: Path, cwd: Path) -> None:
-        self.log_path = log_path
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECTS), env.get("PYTHONPATH")]))
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "heretic_kombu.cli",
-                    "worker",
-                    "-A",
-                    "jobs_project",
-                    "-l",
-                    "info",
-                    *args,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-            )
-        wait_for(self._ready, 30, f"worker to start (log: {log_path})")
-
-    def _ready(self) -> bool:
-        if self.process.poll() is not None:
-            pytest.fail(f"worker exited with {self.process.returncode}:\n{self.log()}")
-        return " ready: " in self.log()
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def terminate(self, timeout: float = 30) -> int:
-        """SIGTERM (warm shutdown) and wait; returns the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"worker did not stop within {timeout}s after SIGTERM:\n{self.log()}")
-
-    def kill(self) -> None:
-        """SIGKILL the worker and its pool children."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -167,16 +167,14 @@ class JobStore:
 
     # -- producer side ----------------------------------------------------
 
-    def insert(self, job: NewJob) -> int:
-        """Write a new row and commit; return its id."""
+    def insert(self, job: NewJob) -> Job:
+        """Write a new row and commit; return it."""
         self.ensure_schema()
         values = dataclasses.asdict(job)
         now = utcnow()
         values.update(payload=job.payload, created_at=now, updated_at=now, attempt_logs=[])
         with self._write() as conn:
-            return int(
-                conn.execute(jobs.insert().values(**values).returning(jobs.c.id)).scalar_one()
-            )
+            return _to_job(conn.execute(jobs.insert().values(**values).returning(*jobs.c)).one())
 
     def insert_if_missing(self, job: NewJob) -> None:
         """Write the row for a job that arrived without one (sent by a Celery client)."""

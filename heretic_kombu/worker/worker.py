@@ -394,30 +394,12 @@ class Worker:
             return
         self._next_tick = time.monotonic() + self.scheduler_interval
         try:
-            count = self.app.store.publish_due(self._publish_row)
+            count = self.app.store.publish_due(self.app.publish_job)
         except Exception as exc:  # broker or database down: try again next tick
             logger.warning("scheduler: publishing due jobs failed (%r)", exc)
             return
         if count:
             logger.info("scheduler: published %d due job(s)", count)
-
-    def _publish_row(self, job: Job) -> None:
-        self.app.broker.publish(
-            protocol.TaskMessage(
-                id=job.task_id,
-                task=job.task_name,
-                args=job.args,
-                kwargs=job.kwargs,
-                retries=job.attempts,
-                expires=job.expires_at,
-                root_id=job.root_id,
-                parent_id=job.parent_id,
-                group=job.group_id,
-                job_id=job.id,
-                priority=job.priority,
-            ),
-            job.queue_name,
-        )
 
     # -- database errors ---------------------------------------------------------
 

@@ -9,7 +9,7 @@ import sys
 
 import jobs_project
 import pytest
-from conftest import PROJECTS
+from helpers import PROJECTS
 
 from heretic_kombu import states
 

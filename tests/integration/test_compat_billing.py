@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from heretic_kombu import states
 
@@ -49,9 +49,9 @@ def billing(backend, monkeypatch, tmp_path):
         worker.wait(timeout=30)
         module.app.close()
         if backend.name == "services":
-            from conftest import _delete_queues
+            from helpers import delete_queues
 
-            _delete_queues("billing")
+            delete_queues("billing")
 
 
 def test_billing_project_runs_unchanged(billing):

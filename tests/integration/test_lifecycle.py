@@ -13,7 +13,7 @@ import uuid
 
 import jobs_project
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 
 from heretic_kombu import exceptions, states
 
@@ -267,10 +267,10 @@ def test_worker_consumes_only_its_queues(app, start_worker, backend):
         other.get(timeout=1.0)
     assert row(app, other).status == states.QUEUED
     if backend.name == "services":
-        from conftest import _delete_queues
+        from helpers import delete_queues
 
         for name in (mail, f"{backend.queue}_other"):
-            _delete_queues(name)
+            delete_queues(name)
 
 
 @pytest.mark.services

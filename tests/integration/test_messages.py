@@ -10,7 +10,7 @@ import uuid
 import jobs_project
 import kombu
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 
 from heretic_kombu import states
 from heretic_kombu.broker import DEAD_REASON_HEADER

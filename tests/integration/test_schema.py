@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import PG_ADMIN_URL, require_services
+from helpers import PG_ADMIN_URL, require_services
 
 from heretic_kombu.cli.main import cli
 from heretic_kombu.store import JobStore, render_postgresql_ddl

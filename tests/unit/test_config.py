@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,30 +15,6 @@ from heretic_kombu.exceptions import ConfigurationError
 
 def build(conf: dict[str, Any] | None = None, **env: str) -> Settings:
     return Settings.build(conf, env=env)
-
-
-@pytest.fixture
-def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for key in list(os.environ):
-        if key.startswith("HERETIC_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("HERETIC_DATABASE_URL", f"sqlite:///{tmp_path}/jobs.sqlite3")
-    monkeypatch.setenv("HERETIC_BROKER_URL", f"sqlite:///{tmp_path}/broker.sqlite3")
-    return tmp_path
-
-
-@pytest.fixture
-def make_app(isolated_env: Path) -> Iterator[Callable[..., Heretic]]:
-    apps: list[Heretic] = []
-
-    def make(*args: Any, **kwargs: Any) -> Heretic:
-        app = Heretic(*args, **kwargs)
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.close()
 
 
 # -- defaults and names ----------------------------------------------------------

@@ -7,10 +7,8 @@ broker, with every ``HERETIC_*`` variable of the surrounding environment removed
 from __future__ import annotations
 
 import datetime as dt
-import os
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import kombu.exceptions
@@ -21,30 +19,6 @@ from heretic_kombu.exceptions import ConfigurationError, EncodeError
 from heretic_kombu.store import utcnow
 
 MakeApp = Callable[..., Heretic]
-
-
-@pytest.fixture
-def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for key in list(os.environ):
-        if key.startswith("HERETIC_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("HERETIC_DATABASE_URL", f"sqlite:///{tmp_path}/jobs.sqlite3")
-    monkeypatch.setenv("HERETIC_BROKER_URL", f"sqlite:///{tmp_path}/broker.sqlite3")
-    return tmp_path
-
-
-@pytest.fixture
-def make_app(isolated_env: Path) -> Iterator[MakeApp]:
-    apps: list[Heretic] = []
-
-    def make(**settings: Any) -> Heretic:
-        app = Heretic("unit", **settings)
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.close()
 
 
 @pytest.fixture
