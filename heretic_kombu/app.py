@@ -295,6 +295,7 @@ class Heretic:
         kwargs = dict(kwargs or {})
         if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
             raise TypeError("kwargs must be a dict with string keys")
+        _check_options(options)
         settings = self.settings
         if settings.always_eager and name in self.tasks:
             return self._run_eagerly(name, args, kwargs, task_id)
@@ -382,6 +383,21 @@ class Job:
 
 
 Celery = Heretic
+
+#: apply_async options whose Celery behaviour is not built yet: refused, never dropped.
+_UNSUPPORTED_OPTIONS = ("link", "link_error", "chord", "chain", "add_to_parent")
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    for key in _UNSUPPORTED_OPTIONS:
+        if options.get(key):
+            raise NotImplementedError(
+                f"apply_async({key}=...) is not supported yet; heretic_kombu refuses it"
+                " rather than silently dropping the callback"
+            )
+    serializer = options.get("serializer")
+    if serializer not in (None, "json"):
+        raise ConfigurationError(f"serializer={serializer!r} refused: heretic_kombu is JSON only")
 
 
 def register_shared(task: Task) -> None:
