@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import protocol, serialization, states
+from . import protocol, result, serialization, states
 from . import retry as retry_policy
 from .broker import Broker
 from .config import Settings, refuse_non_json
@@ -227,7 +227,7 @@ class Heretic:
         countdown: float | None = None,
         eta: dt.datetime | None = None,
         priority: int | None = None,
-    ) -> AsyncResult:
+    ) -> result.AsyncResult:
         """Enqueue a job for the handler registered with :meth:`process` (heretic's API)."""
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -266,7 +266,7 @@ class Heretic:
 
     # -- sending ---------------------------------------------------------------
 
-    def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's name
+    def AsyncResult(self, task_id: str) -> result.AsyncResult:  # noqa: N802 - Celery's name
         """The result handle of ``task_id``."""
         return AsyncResult(task_id, app=self)
 
@@ -284,7 +284,7 @@ class Heretic:
         priority: int | None = None,
         max_attempts: int | None = None,
         **options: Any,
-    ) -> AsyncResult:
+    ) -> result.AsyncResult:
         """Write the job's row, publish it, and return its :class:`AsyncResult`.
 
         Raises:
@@ -309,8 +309,9 @@ class Heretic:
         if expires is not None:
             expires_at = retry_policy.next_run_at(now, expires)
         parent = current_request()
-        parent_id = parent.id if parent is not None and not parent.called_directly else None
-        root_id = (parent.root_id or parent.id) if parent_id else task_id
+        parent_id, root_id = None, task_id
+        if parent is not None and not parent.called_directly:  # sent from inside a task
+            parent_id, root_id = parent.id, parent.root_id or parent.id
         payload = serialization.dumps({"args": args, "kwargs": kwargs})
         queue_name = queue or settings.default_queue
         scheduled = run_at > now

@@ -66,7 +66,7 @@ def encode(message: TaskMessage) -> tuple[str, dict[str, Any], dict[str, Any]]:
         "ignore_result": False,
         JOB_ID_HEADER: message.job_id,
     }
-    properties = {"correlation_id": message.id}
+    properties: dict[str, Any] = {"correlation_id": message.id}
     if message.priority is not None:
         properties["priority"] = message.priority
     return body, headers, properties

@@ -139,8 +139,9 @@ class QoS(virtual.QoS):
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
         """Make every unacknowledged message of this channel visible again as redelivered."""
         self._flush()
-        tokens = list(self._delivered)
-        self._delivered.clear()
+        delivered: dict[str, Any] = self._delivered  # type: ignore[assignment]
+        tokens = list(delivered)
+        delivered.clear()
         if tokens:
             try:
                 self.channel._run(
@@ -288,7 +289,10 @@ class Transport(virtual.Transport):
     driver_type = "sqlite"
     driver_name = "sqlite"
     # A lock held past busy_timeout is worth kombu's reconnect-and-retry.
-    connection_errors = virtual.Transport.connection_errors + (sqlite3.OperationalError,)
+    connection_errors = (  # type: ignore[assignment]
+        *virtual.Transport.connection_errors,
+        sqlite3.OperationalError,
+    )
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)

@@ -157,7 +157,7 @@ class PreforkPool(Pool):
                 by_sentinel = {c.process.sentinel: c for c in self._children if not c.dead}
             ready = multiprocessing.connection.wait([*by_conn, *by_sentinel], timeout=0.2)
             for item in ready:
-                child = by_conn.get(item) or by_sentinel.get(item)  # type: ignore[call-overload]
+                child = by_conn.get(item) or by_sentinel.get(item)  # type: ignore[call-overload,arg-type]
                 if child is None or child.dead:
                     continue
                 if item in by_conn:
