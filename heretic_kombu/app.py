@@ -309,7 +309,8 @@ class Heretic:
         if expires is not None:
             expires_at = retry_policy.next_run_at(now, expires)
         parent = current_request()
-        parent_id, root_id = None, task_id
+        parent_id: str | None = None
+        root_id: str | None = task_id
         if parent is not None and not parent.called_directly:  # sent from inside a task
             parent_id, root_id = parent.id, parent.root_id or parent.id
         payload = serialization.dumps({"args": args, "kwargs": kwargs})

@@ -365,10 +365,8 @@ def _is_precondition_failed(exc: BaseException) -> bool:
 
 
 def _mismatch_message(queue: kombu.Queue, exc: BaseException) -> str:
-    wanted = (
-        ", ".join(f"{k}={v}" for k, v in (getattr(queue, "queue_arguments", None) or {}).items())
-        or "none"
-    )
+    arguments = getattr(queue, "queue_arguments", None) or {}
+    wanted = ", ".join(f"{k}={v}" for k, v in arguments.items()) or "none"
     return (
         f"RabbitMQ already has a queue named {queue.name!r} declared with different arguments"
         f" (406 PRECONDITION_FAILED: {exc}). heretic_kombu declares it durable with arguments:"
