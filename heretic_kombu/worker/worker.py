@@ -104,10 +104,16 @@ class Worker:
 
     def _step(self) -> None:
         assert self._subscription is not None
-        busy = bool(self._running or self._inbox)
-        timeout = 0.01 if busy else max(0.01, min(1.0, self._next_tick - time.monotonic()))
-        self._subscription.drain(timeout)
-        self._record_finished()
+        if self._inbox and self.pool.free_slots() == 0:
+            # Work is waiting for a slot: nothing to do until a running job ends, so wait on
+            # the pool's completions rather than on the broker.
+            self._record_finished(block=0.05)
+        else:
+            # While jobs run, come back often to record their outcomes; when idle, sleep
+            # until the scheduler's next tick unless a message arrives.
+            idle = max(0.002, min(1.0, self._next_tick - time.monotonic()))
+            self._subscription.drain(0.002 if self._running else idle)
+            self._record_finished()
         while self._inbox and self.pool.free_slots() > 0 and not self._stopping:
             delivery = self._inbox.popleft()
             try:
