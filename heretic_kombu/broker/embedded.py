@@ -33,6 +33,8 @@ from kombu.exceptions import ChannelError
 from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
 
+from ..exceptions import BrokerError
+
 __all__ = ["Channel", "QoS", "Transport"]
 
 logger = logging.getLogger(__name__)
@@ -103,7 +105,10 @@ def _owner_is_dead(owner: str) -> bool:
 
 def _open_database(path: Path) -> sqlite3.Connection:
     """Open ``path`` in autocommit mode, creating the directory and schema if missing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BrokerError(f"cannot create the folder of the embedded broker {path}: {exc}") from exc
     # Autocommit: every operation below is one statement, hence one atomic transaction, and
     # SQLite retries the lock of a fresh single-statement write under busy_timeout.
     # timeout=30 sets busy_timeout; check_same_thread=False as kombu lets other threads ack.

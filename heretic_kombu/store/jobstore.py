@@ -468,7 +468,12 @@ def _create_engine(url: str) -> Engine:
     if url_obj.get_backend_name() == "sqlite":
         database = url_obj.database
         if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create the folder of the job database {database}: {exc}"
+                ) from exc
         engine = sa.create_engine(
             url_obj,
             json_serializer=serialization.engine_serializer,

@@ -79,24 +79,27 @@ class Worker:
         """Work until SIGTERM/SIGINT; return the exit status (0 after a warm shutdown)."""
         self._install_signals()
         self.pool.start()  # fork before opening connections the children must not share
-        self.app.store.ensure_schema()
-        self._subscription = self.app.broker.subscribe(
-            self.queues, self._inbox.append, self.prefetch
-        )
-        logger.info(
-            "%s ready: queues %s, %s pool x%d, prefetch %d",
-            self.name,
-            ",".join(self.queues),
-            type(self.pool).__name__,
-            self.pool.concurrency,
-            self.prefetch,
-        )
         try:
+            self.app.store.ensure_schema()
+            self._subscription = self.app.broker.subscribe(
+                self.queues, self._inbox.append, self.prefetch
+            )
+            logger.info(
+                "%s ready: queues %s, %s pool x%d, prefetch %d",
+                self.name,
+                ",".join(self.queues),
+                type(self.pool).__name__,
+                self.pool.concurrency,
+                self.prefetch,
+            )
             while not self._stopping:
                 self._step()
             self._drain_running()
         finally:
-            self._subscription.close()
+            # Also on a failed start: children ignore SIGTERM, so an exiting worker that
+            # left them to multiprocessing's atexit hook would wait for them forever.
+            if self._subscription is not None:
+                self._subscription.close()
             self.pool.stop(wait=True)
             self.app.close()
         logger.info("%s stopped", self.name)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jobs_project
 import pytest
@@ -84,3 +85,17 @@ def test_password_never_printed(backend):
     result = heretic("db", "init", env={"HERETIC_DATABASE_URL": with_password})
     assert result.returncode == 0, result.stderr
     assert "s3cr3t-pw" not in result.stdout + result.stderr and "***" in result.stdout
+
+
+@pytest.mark.parametrize("setting", ["HERETIC_DATABASE_URL", "HERETIC_BROKER_URL"])
+def test_worker_that_cannot_start_exits_1_promptly(backend, tmp_path, setting):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the folder should be")
+    started = time.monotonic()
+    result = heretic(
+        "worker", "-A", "jobs_project", "-c", "2", env={setting: f"sqlite:///{blocked}/x.sqlite3"}
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Error: cannot create the folder" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 30
