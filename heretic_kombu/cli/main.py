@@ -1,13 +1,14 @@
 """``heretic``: Celery's command line with ``celery`` replaced, plus heretic's own groups.
 
 Exit codes: 0 success; 1 error (bad configuration, unreachable service, worker failure);
-2 usage error; 3 the requested job does not exist. ``-A`` may stand before or after the
-command, as with Celery. Every option can be set with the ``HERETIC_*`` variable shown
-in ``--help``.
+2 usage error; 3 the requested job does not exist. -A may stand before or after the
+command, as with Celery. Every option can be set with the HERETIC_* variable shown
+in --help.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import click
 
 from ..app import Heretic, current_app, find_app
+from ..config import Settings, env_var
 from ..exceptions import HereticKombuError
 
 EXIT_ERROR = 1
@@ -65,7 +67,13 @@ class HereticGroup(click.Group):
             ctx.exit(EXIT_ERROR)
 
 
-@click.group(cls=HereticGroup, epilog=__doc__.split("\n\n", 1)[1].replace("\n", " "))
+def _epilog() -> str:
+    exit_codes = __doc__.split("\n\n", 1)[1].replace("\n", " ")  # type: ignore[union-attr]
+    names = ", ".join(env_var(f.name) for f in dataclasses.fields(Settings))
+    return f"{exit_codes}\n\nSettings from the environment: {names}."
+
+
+@click.group(cls=HereticGroup, epilog=_epilog())
 @click.option(
     "-A",
     "--app",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -99,3 +100,12 @@ def test_worker_that_cannot_start_exits_1_promptly(backend, tmp_path, setting):
     assert "Error: cannot create the folder" in result.stderr
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 30
+
+
+def test_help_names_every_setting_variable():
+    from heretic_kombu.config import Settings, env_var
+
+    shown = heretic("--help").stdout
+    for field in dataclasses.fields(Settings):
+        assert env_var(field.name) in shown.replace("\n", " ").replace("  ", " ")
+    assert "HERETIC_CONCURRENCY" in heretic("worker", "--help").stdout
