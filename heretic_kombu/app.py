@@ -21,7 +21,13 @@ from . import protocol, result, serialization, states
 from . import retry as retry_policy
 from .broker import Broker
 from .config import Settings, refuse_non_json
-from .exceptions import ConfigurationError, HereticKombuError, NotRegistered
+from .exceptions import (
+    ConfigurationError,
+    HereticKombuError,
+    NotRegistered,
+    PublishError,
+    QueueMismatchError,
+)
 from .result import AsyncResult
 from .store import Job as JobRow
 from .store import JobStore, NewJob, utcnow
@@ -289,7 +295,12 @@ class Heretic:
 
         Raises:
             EncodeError: ``args``/``kwargs`` are not JSON; nothing was written.
-            PublishError: the broker did not confirm; the row stays ``pending``.
+            QueueMismatchError: the broker holds the queue with other arguments; the row
+                is marked failed with that error.
+
+        If the broker does not confirm the message, the committed row stays ``pending``
+        and a worker's reconciler publishes it after ``pending_timeout``: the job is
+        accepted once its row is committed, whatever the broker does next.
         """
         args = list(args or ())
         kwargs = dict(kwargs or {})
@@ -332,7 +343,17 @@ class Heretic:
         )
         row = self.store.insert(job)
         if not scheduled:
-            self.publish_job(row)
+            try:
+                self.publish_job(row)
+            except QueueMismatchError as exc:
+                # No publish can ever succeed until someone fixes the queue.
+                self.store.fail_unhandleable(task_id, str(exc))
+                raise
+            except PublishError as exc:
+                # The committed row is the job: a worker's reconciler publishes rows left
+                # pending (after pending_timeout), so the job is not lost with the message.
+                logger.warning("job %s stays pending, to be published later: %s", task_id, exc)
+                return AsyncResult(task_id, app=self, task_name=name)
             self.store.mark_queued(task_id)
         return AsyncResult(task_id, app=self, task_name=name)
 

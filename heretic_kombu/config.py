@@ -62,6 +62,12 @@ class Settings:
     worker_name: str = ""
     #: How often a worker's scheduler looks for due countdown/eta/retry jobs, in seconds.
     scheduler_interval: float = 1.0
+    #: How often a worker renews the lease (``updated_at``) of the jobs it runs, in seconds.
+    heartbeat_interval: float = 5.0
+    #: A ``started`` job whose lease is older than this is lost (its worker died): retried.
+    lease_timeout: float = 30.0
+    #: A ``pending`` row older than this (publish failed after commit) is published again.
+    pending_timeout: float = 60.0
     #: Longest pause between two reads of the row while AsyncResult.get() waits, in seconds.
     result_poll_interval: float = 0.2
     #: Passed to kombu's Connection (e.g. {"polling_interval": 0.05} for the embedded broker).
@@ -111,6 +117,11 @@ class Settings:
         if self.concurrency < 0:
             raise ConfigurationError(
                 f"concurrency ({env_var('concurrency')}) must be 0 (one per CPU) or more"
+            )
+        if self.lease_timeout <= 2 * self.heartbeat_interval:
+            raise ConfigurationError(
+                f"lease_timeout ({env_var('lease_timeout')}) must exceed twice"
+                f" heartbeat_interval ({env_var('heartbeat_interval')})"
             )
         if not self.default_queue:
             raise ConfigurationError(f"default_queue ({env_var('default_queue')}) is empty")

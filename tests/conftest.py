@@ -84,6 +84,10 @@ def backend(
         "HERETIC_BROKER_URL": chosen.broker_url,
         "HERETIC_DEFAULT_QUEUE": chosen.queue,
         "HERETIC_SCHEDULER_INTERVAL": "0.2",
+        # Short leases so that lost jobs are found within a test's patience.
+        "HERETIC_HEARTBEAT_INTERVAL": "0.25",
+        "HERETIC_LEASE_TIMEOUT": "1.5",
+        "HERETIC_PENDING_TIMEOUT": "2",
         "HERETIC_TEST_EVENTS": str(chosen.events_path),
     }.items():
         monkeypatch.setenv(key, value)

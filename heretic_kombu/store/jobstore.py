@@ -287,16 +287,18 @@ class JobStore:
         return result.rowcount > 0
 
     def release_lost_attempt(self, job: Job, log_line: str, give_up: AttemptResult | None) -> bool:
-        """Close an attempt whose worker died: log it, then requeue the job or fail it.
+        """Close an attempt whose worker died: log it, then make the job due again or fail it.
 
-        Conditional on the row still being in that attempt, so two workers receiving
-        the same redelivery cannot both release it. ``give_up`` is recorded instead of
-        requeueing when the job has no attempts left.
+        Conditional on the row still being in that attempt, so two workers (or a
+        redelivery and the reconciler) cannot both release it. A released job is
+        ``retrying`` with its eta now: a redelivered message may claim it at once, and
+        the scheduler publishes it if no message is left. ``give_up`` is recorded
+        instead when the job has no attempts left.
         """
         now = utcnow()
         values: dict[str, Any] = {"updated_at": now, "attempt_logs": self._append(log_line)}
         if give_up is None:
-            values.update(status=states.QUEUED)
+            values.update(status=states.RETRYING, eta=now)
         else:
             values.update(
                 status=give_up.status, error=give_up.error, result=give_up.result, finished_at=now
@@ -312,6 +314,43 @@ class JobStore:
                 .values(**values)
             )
         return result.rowcount > 0
+
+    def heartbeat(self, task_ids: Sequence[str]) -> None:
+        """Touch the rows of jobs this worker is running: their lease is ``updated_at``."""
+        if not task_ids:
+            return
+        with self._write() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.task_id.in_(list(task_ids)), jobs.c.status == states.STARTED)
+                .values(updated_at=utcnow())
+            )
+
+    def find_lost(self, cutoff: dt.datetime, limit: int = 100) -> list[Job]:
+        """``started`` rows untouched since ``cutoff``: their worker stopped heartbeating."""
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(jobs)
+                .where(jobs.c.status == states.STARTED, jobs.c.updated_at < cutoff)
+                .order_by(jobs.c.updated_at)
+                .limit(limit)
+            )
+            return [_to_job(row) for row in rows]
+
+    def requeue_stale_pending(self, cutoff: dt.datetime) -> int:
+        """Make ``pending`` rows created before ``cutoff`` due, so the scheduler publishes them.
+
+        A row stays ``pending`` when its producer died or its publish failed after the
+        commit; this is how such a job still reaches a worker.
+        """
+        now = utcnow()
+        with self._write() as conn:
+            result = conn.execute(
+                jobs.update()
+                .where(jobs.c.status == states.PENDING, jobs.c.created_at < cutoff)
+                .values(status=states.SCHEDULED, eta=now, updated_at=now)
+            )
+        return result.rowcount
 
     def record_attempt(self, task_id: str, attempt: int, outcome: AttemptResult) -> bool:
         """Record how attempt number ``attempt`` ended; return ``False`` if it was superseded.

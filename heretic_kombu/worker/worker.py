@@ -25,6 +25,7 @@ import os
 import queue
 import signal
 import socket
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,11 @@ class Worker:
         )
         self.name = expand_name(name or settings.effective_worker_name)
         self.scheduler_interval = settings.scheduler_interval
+        self.heartbeat_interval = settings.heartbeat_interval
+        self.lease_timeout = dt.timedelta(seconds=settings.lease_timeout)
+        self.pending_timeout = dt.timedelta(seconds=settings.pending_timeout)
+        self._next_reconcile = 0.0
+        self._heartbeat_stop = threading.Event()
         self._inbox: collections.deque[Delivery] = collections.deque()
         self._done: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
         self._running: dict[str, tuple[Delivery, Job]] = {}
@@ -79,6 +85,9 @@ class Worker:
         """Work until SIGTERM/SIGINT; return the exit status (0 after a warm shutdown)."""
         self._install_signals()
         self.pool.start()  # fork before opening connections the children must not share
+        heartbeat = threading.Thread(
+            target=self._heartbeat_loop, name="heretic-heartbeat", daemon=True
+        )
         try:
             self.app.store.ensure_schema()
             self._subscription = self.app.broker.subscribe(
@@ -92,12 +101,14 @@ class Worker:
                 self.pool.concurrency,
                 self.prefetch,
             )
+            heartbeat.start()
             while not self._stopping:
                 self._step()
             self._drain_running()
         finally:
             # Also on a failed start: children ignore SIGTERM, so an exiting worker that
             # left them to multiprocessing's atexit hook would wait for them forever.
+            self._heartbeat_stop.set()
             if self._subscription is not None:
                 self._subscription.close()
             self.pool.stop(wait=True)
@@ -262,26 +273,48 @@ class Worker:
         return None
 
     def _recover_lost_attempt(self, delivery: Delivery, row: Job) -> Job | None:
-        """The message comes back while its row says ``started``: that worker died."""
-        now = utcnow()
-        line = log_line(now, row.attempts, row.worker or "?", "lost: the worker died mid-job")
-        give_up = None
-        if row.attempts >= row.max_attempts:
-            give_up = _lost_result(f"worker {row.worker} died during the last allowed attempt")
-        if self._store_call(self.app.store.release_lost_attempt, row, line, give_up):
-            logger.warning(
-                "Task %s[%s] attempt %d was lost with worker %s",
+        """The message comes back while its row says ``started``.
+
+        Its worker's connection closed; whether the worker died is told by the lease:
+        a worker that still renews it is running the job, so this copy is acked (if
+        that worker dies later, the reconciler finds the expired lease).
+        """
+        if row.updated_at > utcnow() - self.lease_timeout:
+            logger.info(
+                "Task %s[%s] redelivered but still running on %s (lease renewed %s);"
+                " duplicate acked",
                 row.task_name,
                 row.task_id,
-                row.attempts,
                 row.worker,
+                f"{row.updated_at:%H:%M:%S}",
             )
-        if give_up is None:
+            self._subscription.ack(delivery)  # type: ignore[union-attr]
+            return None
+        released = self._release_lost(row, "the worker died mid-job")
+        if released:
             job = self._store_call(self.app.store.claim, row.task_id, self.name)
             if job is not None:
                 return job
         self._subscription.ack(delivery)  # type: ignore[union-attr]
         return None
+
+    def _release_lost(self, row: Job, why: str) -> bool:
+        """Log the lost attempt of ``row`` and make it due again (or fail it, if it was
+        the last allowed one). Returns ``True`` if the job may run again."""
+        line = log_line(utcnow(), row.attempts, row.worker or "?", f"lost: {why}")
+        give_up = None
+        if row.attempts >= row.max_attempts:
+            give_up = _lost_result(f"worker {row.worker} lost the last allowed attempt: {why}")
+        if self._store_call(self.app.store.release_lost_attempt, row, line, give_up):
+            logger.warning(
+                "Task %s[%s] attempt %d was lost with worker %s: %s",
+                row.task_name,
+                row.task_id,
+                row.attempts,
+                row.worker,
+                why,
+            )
+        return give_up is None
 
     def _dead_letter(self, delivery: Delivery, reason: str, task_id: str | None) -> None:
         logger.error("message dead-lettered to %s.dead: %s", delivery.queue, reason)
@@ -399,6 +432,9 @@ class Worker:
     # -- scheduler -------------------------------------------------------------------
 
     def _tick(self) -> None:
+        if time.monotonic() >= self._next_reconcile:
+            self._next_reconcile = time.monotonic() + self.heartbeat_interval
+            self._reconcile()
         if time.monotonic() < self._next_tick:
             return
         self._next_tick = time.monotonic() + self.scheduler_interval
@@ -409,6 +445,35 @@ class Worker:
             return
         if count:
             logger.info("scheduler: published %d due job(s)", count)
+
+    # -- leases and the reconciler -----------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        """Renew the lease of every running job, from a thread of its own so that a long
+        job in the solo pool (which blocks the main loop) still keeps its lease."""
+        while not self._heartbeat_stop.wait(self.heartbeat_interval):
+            try:
+                self.app.store.heartbeat(list(self._running))
+            except Exception as exc:  # the next beat tries again; a lease has slack
+                logger.warning("heartbeat failed (%r)", exc)
+
+    def _reconcile(self) -> None:
+        """Retry jobs whose worker stopped renewing their lease, and republish rows left
+        ``pending`` by a producer whose publish failed or who died after the commit."""
+        store = self.app.store
+        try:
+            now = utcnow()
+            for row in store.find_lost(now - self.lease_timeout):
+                if row.task_id not in self._running:
+                    self._release_lost(row, f"no heartbeat since {row.updated_at:%H:%M:%S}")
+                    self._next_tick = 0.0  # publish it with this loop turn's scheduler
+            requeued = store.requeue_stale_pending(now - self.pending_timeout)
+        except Exception as exc:  # database down: the next turn tries again
+            logger.warning("reconciler: %r", exc)
+            return
+        if requeued:
+            logger.warning("reconciler: %d job(s) left pending will be published", requeued)
+            self._next_tick = 0.0
 
     # -- database errors ---------------------------------------------------------
 

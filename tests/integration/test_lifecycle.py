@@ -273,19 +273,71 @@ def test_worker_consumes_only_its_queues(app, start_worker, backend):
             delete_queues(name)
 
 
-@pytest.mark.services
-@pytest.mark.parametrize("backend", ["services"], indirect=True)  # a broker that refuses
-def test_unconfirmed_publish_raises_and_leaves_the_row_pending(backend, monkeypatch):
-    monkeypatch.setenv("HERETIC_BROKER_URL", "amqp://guest:guest@127.0.0.1:1//")
+def test_job_survives_a_publish_that_fails_after_commit(
+    app, start_worker, backend, monkeypatch, tmp_path
+):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("no broker can live here")
+    unreachable = (
+        "amqp://guest:guest@127.0.0.1:1//"
+        if backend.name == "services"
+        else f"sqlite:///{blocked}/broker.sqlite3"
+    )
+    monkeypatch.setenv("HERETIC_BROKER_URL", unreachable)
     from heretic_kombu import Heretic
 
-    unreachable = Heretic("unreachable")
+    producer = Heretic("unreachable")
     try:
-        started = time.monotonic()
-        with pytest.raises(exceptions.PublishError, match="not confirmed"):
-            jobs_project.add.delay(1, 2)
-        assert time.monotonic() - started < 30
-        rows = unreachable.store.list()
-        assert [r.status for r in rows] == [states.PENDING]  # never a false "queued"
+        result = jobs_project.add.delay(1, 2)  # accepted: its row is committed
+        assert producer.store.get(result.id).status == states.PENDING
+        assert result.state == "PENDING"
     finally:
-        unreachable.close()
+        producer.close()
+    monkeypatch.setenv("HERETIC_BROKER_URL", backend.broker_url)
+    worker = start_worker()
+    assert app.AsyncResult(result.id).get(timeout=30) == 3  # the reconciler published it
+    assert app.store.get(result.id).attempts == 1
+    assert "left pending will be published" in worker.log()
+
+
+def test_job_of_a_vanished_worker_is_found_by_its_expired_lease(app, start_worker):
+    import sqlalchemy as sa
+
+    from heretic_kombu.store import jobs
+
+    result = jobs_project.add.apply_async((4, 4), countdown=3600)  # no message anywhere
+    long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    with app.store.engine.begin() as conn:  # as if a worker claimed it, then vanished
+        conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.task_id == result.id)
+            .values(
+                status="started",
+                attempts=1,
+                worker="ghost@nowhere",
+                updated_at=long_ago,
+                started_at=long_ago,
+            )
+        )
+    if app.store.is_postgresql:  # the trigger stamps updated_at; set it back behind its back
+        with app.store.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE heretic_jobs DISABLE TRIGGER USER")
+            conn.execute(
+                sa.update(jobs).where(jobs.c.task_id == result.id).values(updated_at=long_ago)
+            )
+            conn.exec_driver_sql("ALTER TABLE heretic_jobs ENABLE TRIGGER USER")
+    start_worker()
+    assert result.get(timeout=30) == 8
+    job = row(app, result)
+    assert job.attempts == 2 and len(job.attempt_logs) == 2
+    assert "attempt 1 on ghost@nowhere: lost: no heartbeat since" in job.attempt_logs[0]
+    assert "succeeded" in job.attempt_logs[1]
+
+
+def test_a_long_job_keeps_its_lease_and_runs_once(app, start_worker, tmp_path):
+    start_worker(pool="solo")  # the solo pool blocks the main loop while the job runs
+    start_worker(pool="solo")
+    result = jobs_project.slow.delay(4.0)  # longer than the 1.5 s lease
+    assert result.get(timeout=30) == 4.0
+    job = row(app, result)
+    assert job.attempts == 1 and len(job.attempt_logs) == 1
