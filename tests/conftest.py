@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import (  # noqa: E402 - tests/ must be importable first
     AMQP_URL,
     PG_ADMIN_URL,
+    REDIS_URL,
     Backend,
     WorkerProcess,
     delete_queues,
@@ -59,7 +60,28 @@ def pg_database() -> Iterator[str]:
         admin.close()
 
 
-@pytest.fixture(params=["embedded", pytest.param("services", marks=pytest.mark.services)])
+@pytest.fixture(scope="session")
+def redis_broker() -> Iterator[str]:
+    """The tests' Redis database, emptied before and after the session."""
+    require_services(redis=True)
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    try:
+        yield REDIS_URL
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture(
+    params=[
+        "embedded",
+        pytest.param("services", marks=pytest.mark.services),
+        pytest.param("redis", marks=pytest.mark.services),  # PostgreSQL + a Redis broker
+    ]
+)
 def backend(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Backend]:
@@ -78,7 +100,10 @@ def backend(
     else:
         database = request.getfixturevalue("pg_database")
         _truncate(database)
-        chosen = Backend("services", database, AMQP_URL, queue, tmp_path / "events.jsonl")
+        broker = (
+            AMQP_URL if request.param == "services" else request.getfixturevalue("redis_broker")
+        )
+        chosen = Backend(request.param, database, broker, queue, tmp_path / "events.jsonl")
     for key, value in {
         "HERETIC_DATABASE_URL": chosen.database_url,
         "HERETIC_BROKER_URL": chosen.broker_url,

@@ -23,6 +23,8 @@ PG_ADMIN_URL = os.environ.get(
     "HERETIC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 AMQP_URL = os.environ.get("HERETIC_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+# A database number of the tests' own: it is emptied at the start and end of a session.
+REDIS_URL = os.environ.get("HERETIC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 if str(PROJECTS) not in sys.path:
     sys.path.insert(0, str(PROJECTS))
@@ -40,8 +42,8 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "c
         time.sleep(0.05)
 
 
-def services_unavailable() -> str | None:
-    """Why PostgreSQL or RabbitMQ cannot be used, or ``None`` if both answer."""
+def services_unavailable(redis: bool = False) -> str | None:
+    """Why PostgreSQL or RabbitMQ (or Redis) cannot be used, or ``None`` if they answer."""
     import kombu
     import psycopg2
 
@@ -54,11 +56,18 @@ def services_unavailable() -> str | None:
             conn.ensure_connection(max_retries=1)
     except Exception as exc:
         return f"RabbitMQ not reachable at {AMQP_URL}: {exc}"
+    if redis:
+        import redis as redis_client
+
+        try:
+            redis_client.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+        except Exception as exc:
+            return f"Redis not reachable at {REDIS_URL}: {exc}"
     return None
 
 
-def require_services() -> None:
-    reason = services_unavailable()
+def require_services(redis: bool = False) -> None:
+    reason = services_unavailable(redis)
     if reason is None:
         return
     if REQUIRE_SERVICES:

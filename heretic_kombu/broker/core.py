@@ -230,7 +230,13 @@ class Broker:
         with self.connect() as connection:
             channel = connection.default_channel
             self.declare(channel, name)
-            _, count, _ = self.queue(name)(channel).queue_declare(passive=True)
+            try:
+                _, count, _ = self.queue(name)(channel).queue_declare(passive=True)
+            except connection.channel_errors as exc:
+                # Redis keeps no empty queues: a declared queue with nothing in it is "missing".
+                if "NOT_FOUND" in str(exc):
+                    return 0
+                raise
             return int(count)
 
 
