@@ -10,6 +10,7 @@ as ``scheduled``: a worker's scheduler publishes it when due.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib
 import logging
@@ -19,6 +20,7 @@ from typing import Any
 
 from . import protocol, result, serialization, states
 from . import retry as retry_policy
+from . import transaction as _transaction
 from .broker import Broker
 from .config import Settings, refuse_non_json
 from .exceptions import (
@@ -32,6 +34,7 @@ from .result import AsyncResult
 from .store import Job as JobRow
 from .store import JobStore, NewJob, utcnow
 from .task import Task, current_request, make_task
+from .transaction import current_outbox
 
 logger = logging.getLogger("heretic_kombu")
 
@@ -341,21 +344,43 @@ class Heretic:
             root_id=root_id,
             group_id=options.get("group_id"),
         )
-        row = self.store.insert(job)
-        if not scheduled:
-            try:
-                self.publish_job(row)
-            except QueueMismatchError as exc:
-                # No publish can ever succeed until someone fixes the queue.
-                self.store.fail_unhandleable(task_id, str(exc))
-                raise
-            except PublishError as exc:
-                # The committed row is the job: a worker's reconciler publishes rows left
-                # pending (after pending_timeout), so the job is not lost with the message.
-                logger.warning("job %s stays pending, to be published later: %s", task_id, exc)
-                return AsyncResult(task_id, app=self, task_name=name)
-            self.store.mark_queued(task_id)
+        outbox = current_outbox()
+        if outbox is not None:  # inside app.transaction(...): the caller's commit decides
+            row = self.store.insert(job, connection=outbox.connection())
+            if not scheduled:
+                outbox.after_commit(lambda: self._deliver(row))
+        else:
+            row = self.store.insert(job)
+            if not scheduled:
+                self._deliver(row)
         return AsyncResult(task_id, app=self, task_name=name)
+
+    def _deliver(self, row: JobRow) -> None:
+        """Publish a committed row's message and mark it ``queued``."""
+        try:
+            self.publish_job(row)
+        except QueueMismatchError as exc:
+            # No publish can ever succeed until someone fixes the queue.
+            self.store.fail_unhandleable(row.task_id, str(exc))
+            raise
+        except PublishError as exc:
+            # The committed row is the job: a worker's reconciler publishes rows left
+            # pending (after pending_timeout), so the job is not lost with the message.
+            logger.warning("job %s stays pending, to be published later: %s", row.task_id, exc)
+            return
+        self.store.mark_queued(row.task_id)
+
+    def transaction(self, target: Any) -> contextlib.AbstractContextManager[Any]:
+        """Send jobs inside a database transaction: they exist only if it commits.
+
+        ``with app.transaction(session):`` (a SQLAlchemy ORM ``Session``) writes the rows
+        of jobs sent in the block through the session; their messages are published
+        after the session commits, and a rollback leaves no job and no message.
+        ``with app.transaction(engine) as conn:`` opens and commits a transaction of its
+        own. The job table must be in the same database.
+        """
+        self.store.ensure_schema()  # before the caller's transaction holds any lock
+        return _transaction.transaction(target)
 
     def publish_job(self, job: JobRow) -> None:
         """Publish the message of a row already written (the row is the source of truth).

@@ -167,14 +167,31 @@ class JobStore:
 
     # -- producer side ----------------------------------------------------
 
-    def insert(self, job: NewJob) -> Job:
-        """Write a new row and commit; return it."""
+    def insert(self, job: NewJob, connection: Connection | None = None) -> Job:
+        """Write a new row and commit; return it.
+
+        With ``connection`` (a caller's transaction), the row is written through it and
+        commits or rolls back with the caller's work.
+        """
         self.ensure_schema()
         values = dataclasses.asdict(job)
         now = utcnow()
-        values.update(payload=job.payload, created_at=now, updated_at=now, attempt_logs=[])
+        # The payload goes in as JSON text, so that it is stored the same whichever
+        # engine (ours, or the caller's for a transactional enqueue) sends it.
+        payload: Any = sa.bindparam(None, str(job.payload), type_=sa.Text)
+        if (connection.dialect if connection is not None else self.engine.dialect).name == (
+            "postgresql"
+        ):
+            payload = sa.cast(payload, postgresql.JSONB)
+        values.update(payload=payload, created_at=now, updated_at=now, attempt_logs=[])
+        statement = jobs.insert().values(**values).returning(*jobs.c)
+        if connection is not None:
+            with _wrap_errors():
+                row = _to_job(connection.execute(statement).one())
+            # Read back through a foreign engine, the payload may not be decoded our way.
+            return dataclasses.replace(row, payload=serialization.loads(job.payload))
         with self._write() as conn:
-            return _to_job(conn.execute(jobs.insert().values(**values).returning(*jobs.c)).one())
+            return _to_job(conn.execute(statement).one())
 
     def insert_if_missing(self, job: NewJob) -> None:
         """Write the row for a job that arrived without one (sent by a Celery client)."""
