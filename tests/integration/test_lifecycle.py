@@ -341,3 +341,20 @@ def test_a_long_job_keeps_its_lease_and_runs_once(app, start_worker, tmp_path):
     assert result.get(timeout=30) == 4.0
     job = row(app, result)
     assert job.attempts == 1 and len(job.attempt_logs) == 1
+
+
+def test_huge_and_deep_payloads_are_handled_or_refused_clearly(app, start_worker):
+    start_worker()
+    big = "x" * (10 * 1024 * 1024)  # 10 MB
+    result = jobs_project.echo.delay(big)
+    assert result.get(timeout=60) == big
+    nested: list = []
+    for _ in range(1000):
+        nested = [nested]
+    with pytest.raises(exceptions.EncodeError, match="cannot encode as JSON"):
+        jobs_project.echo.delay(nested)
+    shallow: list = []
+    for _ in range(100):
+        shallow = [shallow]
+    assert jobs_project.echo.delay(shallow).get(timeout=30) == shallow
+    assert len(app.store.list()) == 2  # the refused one left no row
