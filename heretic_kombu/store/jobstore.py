@@ -31,6 +31,8 @@ from .tables import SCHEMA_VERSION, jobs, metadata, schema_version, updated_at_t
 
 # Any number; PostgreSQL advisory lock that serialises concurrent `db init`s.
 _INIT_LOCK_KEY = 0x68657265  # "here"
+# PostgreSQL advisory lock held by the one scheduler publishing due jobs at a time.
+_SCHEDULER_LOCK_KEY = 0x68657266
 
 
 def utcnow() -> dt.datetime:
@@ -215,15 +217,22 @@ class JobStore:
     def publish_due(self, publish: Callable[[Job], None], limit: int = 500) -> int:
         """Publish jobs whose eta has passed and mark them ``queued``; return how many.
 
-        Rows are locked with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (SQLite's write
-        lock on the embedded default), so with several workers each due job is
-        published by one of them. The row is updated after the broker confirmed the
-        publish: a crash in between publishes it again later, which the claim makes
+        One scheduler acts at a time (a PostgreSQL advisory lock; SQLite's write lock on
+        the embedded default), and rows are locked with ``FOR UPDATE SKIP LOCKED`` as
+        a second guard, so with several workers each due job is published once. The
+        row is updated after the broker confirmed the publish: a crash in between publishes it again later, which the claim makes
         harmless. Expired jobs are revoked instead of published.
         """
         self.ensure_schema()
         now = utcnow()
         with self._write() as conn:
+            if (
+                self.is_postgresql
+                and not conn.execute(
+                    sa.select(sa.func.pg_try_advisory_xact_lock(_SCHEDULER_LOCK_KEY))
+                ).scalar()
+            ):
+                return 0  # another worker's scheduler is at it; SQLite's write lock does this
             query = (
                 sa.select(jobs)
                 .where(jobs.c.status.in_(states.WAITING), jobs.c.eta <= now)
