@@ -220,8 +220,9 @@ class JobStore:
         One scheduler acts at a time (a PostgreSQL advisory lock; SQLite's write lock on
         the embedded default), and rows are locked with ``FOR UPDATE SKIP LOCKED`` as
         a second guard, so with several workers each due job is published once. The
-        row is updated after the broker confirmed the publish: a crash in between publishes it again later, which the claim makes
-        harmless. Expired jobs are revoked instead of published.
+        row is updated after the broker confirmed the publish: a crash in between
+        publishes it again later, which the claim makes harmless. Expired jobs are
+        revoked instead of published.
         """
         self.ensure_schema()
         now = utcnow()
