@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import protocol, result, serialization, states
+from . import protocol, result, serialization, signals, states
 from . import retry as retry_policy
 from . import transaction as _transaction
 from .broker import Broker
@@ -388,21 +388,36 @@ class Heretic:
         Raises:
             PublishError: the broker did not confirm the message.
         """
-        self.broker.publish(
-            protocol.TaskMessage(
-                id=job.task_id,
-                task=job.task_name,
-                args=job.args,
-                kwargs=job.kwargs,
-                retries=job.attempts,
-                expires=job.expires_at,
-                root_id=job.root_id,
-                parent_id=job.parent_id,
-                group=job.group_id,
-                job_id=job.id,
-                priority=job.priority,
-            ),
-            job.queue_name,
+        message = protocol.TaskMessage(
+            id=job.task_id,
+            task=job.task_name,
+            args=job.args,
+            kwargs=job.kwargs,
+            retries=job.attempts,
+            expires=job.expires_at,
+            root_id=job.root_id,
+            parent_id=job.parent_id,
+            group=job.group_id,
+            job_id=job.id,
+            priority=job.priority,
+        )
+        body, headers, properties = protocol.encode(message)
+        route = {"exchange": job.queue_name, "routing_key": job.queue_name}
+        signals.before_task_publish.send(
+            sender=job.task_name,
+            body=(job.args, job.kwargs, message.embed),
+            headers=headers,
+            properties=properties,
+            declare=[],
+            retry_policy=None,
+            **route,
+        )
+        self.broker.publish_encoded(body, headers, properties, job.queue_name)
+        signals.after_task_publish.send(
+            sender=job.task_name,
+            body=(job.args, job.kwargs, message.embed),
+            headers=headers,
+            **route,
         )
 
     def _run_eagerly(

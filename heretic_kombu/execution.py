@@ -14,7 +14,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from . import failure, serialization, states
+from . import failure, serialization, signals, states
 from . import retry as retry_policy
 from .exceptions import EncodeError, NotRegistered, Retry
 from .protocol import new_task_id
@@ -62,8 +62,20 @@ def execute(app: Heretic, call: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_task(task: Task, request: Context) -> dict[str, Any]:
-    """Run ``task`` under ``request``; return the outcome dict."""
+    """Run ``task`` under ``request``, with Celery's task signals; return the outcome dict."""
     task._push(request)
+    try:
+        signals.task_prerun.send(
+            sender=task, task_id=request.id, task=task, args=request.args, kwargs=request.kwargs
+        )
+        value, outcome = _attempt(task, request)
+        _announce(task, request, value, outcome)
+        return outcome
+    finally:
+        task._pop()
+
+
+def _attempt(task: Task, request: Context) -> tuple[Any, dict[str, Any]]:
     try:
         try:
             value = task.run(*request.args, **request.kwargs)
@@ -72,17 +84,48 @@ def run_task(task: Task, request: Context) -> dict[str, Any]:
         except Exception as exc:
             _autoretry(task, exc)
             raise
-        if task.ignore_result:
-            return {"status": SUCCEEDED, "result": None}
-        return {"status": SUCCEEDED, "result": serialization.dumps(value)}
-    except Retry as signal:
-        return _retry(signal)
+        encoded = None if task.ignore_result else serialization.dumps(value)
+        return value, {"status": SUCCEEDED, "result": encoded}
+    except Retry as retry_signal:
+        return None, _retry(retry_signal)
     except EncodeError as exc:
-        return _failed(EncodeError(f"the task's return value is not JSON: {exc}"), exc)
+        return None, _failed(EncodeError(f"the task's return value is not JSON: {exc}"), exc)
     except (Exception, SystemExit) as exc:
-        return _failed(exc, exc)
-    finally:
-        task._pop()
+        return None, _failed(exc, exc)
+
+
+def _announce(task: Task, request: Context, value: Any, outcome: dict[str, Any]) -> None:
+    """Send task_success / task_retry / task_failure, then task_postrun, as Celery does."""
+    status = outcome["status"]
+    if status == SUCCEEDED:
+        signals.task_success.send(sender=task, result=value)
+        state, retval = states.CELERY_SUCCESS, value
+    elif status == RETRY:
+        signals.task_retry.send(
+            sender=task, request=request, reason=outcome["error"], einfo=outcome.get("traceback")
+        )
+        state, retval = states.CELERY_RETRY, None
+    else:
+        exception = outcome.get("exception")
+        signals.task_failure.send(
+            sender=task,
+            task_id=request.id,
+            exception=exception,
+            args=request.args,
+            kwargs=request.kwargs,
+            traceback=outcome.get("traceback"),
+            einfo=outcome.get("traceback"),
+        )
+        state, retval = states.CELERY_FAILURE, exception
+    signals.task_postrun.send(
+        sender=task,
+        task_id=request.id,
+        task=task,
+        args=request.args,
+        kwargs=request.kwargs,
+        retval=retval,
+        state=state,
+    )
 
 
 def run_eagerly(

@@ -133,7 +133,12 @@ class Broker:
             PublishError: the message could not be published or was not confirmed.
             QueueMismatchError: the queue exists with other arguments.
         """
-        body, headers, properties = protocol.encode(message)
+        self.publish_encoded(*protocol.encode(message), queue)
+
+    def publish_encoded(
+        self, body: str, headers: dict[str, Any], properties: dict[str, Any], queue: str
+    ) -> None:
+        """Publish what :func:`protocol.encode` produced (see :meth:`publish`)."""
         self._publish(
             body, headers, queue, queue, properties.get("priority"), properties["correlation_id"]
         )

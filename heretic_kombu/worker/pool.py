@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .. import serialization
+from .. import serialization, signals
 from ..execution import FAILED, LOST, execute
 
 if TYPE_CHECKING:
@@ -224,6 +224,7 @@ def _child_main(app: Heretic, conn: Any, inherited: list[Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
+    signals.worker_process_init.send(sender=None)
     while True:
         try:
             data = conn.recv_bytes()

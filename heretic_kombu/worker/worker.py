@@ -29,7 +29,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import failure, protocol, serialization, states
+from .. import failure, protocol, serialization, signals, states
 from .. import retry as retry_policy
 from ..broker import Delivery, Subscription
 from ..exceptions import EncodeError, MalformedMessage, StoreError, WorkerLostError
@@ -102,6 +102,7 @@ class Worker:
                 self.prefetch,
             )
             heartbeat.start()
+            signals.worker_ready.send(sender=self)
             while not self._stopping:
                 self._step()
             self._drain_running()
@@ -109,6 +110,8 @@ class Worker:
             # Also on a failed start: children ignore SIGTERM, so an exiting worker that
             # left them to multiprocessing's atexit hook would wait for them forever.
             self._heartbeat_stop.set()
+            if self._subscription is not None:  # it had started
+                signals.worker_shutdown.send(sender=self)
             if self._subscription is not None:
                 self._subscription.close()
             self.pool.stop(wait=True)

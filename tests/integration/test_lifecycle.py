@@ -358,3 +358,15 @@ def test_huge_and_deep_payloads_are_handled_or_refused_clearly(app, start_worker
         shallow = [shallow]
     assert jobs_project.echo.delay(shallow).get(timeout=30) == shallow
     assert len(app.store.list()) == 2  # the refused one left no row
+
+
+def test_worker_and_task_signals_fire_in_the_right_processes(app, start_worker, backend):
+    worker = start_worker(concurrency=2)  # prefork
+    result = jobs_project.add.delay(1, 1)
+    assert result.get(timeout=30) == 2
+    assert [e["event"] for e in backend.events("worker_ready")] == ["worker_ready"]
+    children = {e["pid"] for e in backend.events("worker_process_init")}
+    assert len(children) == 2 and worker.pid not in children
+    postrun = [e for e in backend.events("task_postrun") if e["task_id"] == result.id]
+    assert [(e["state"], e["task"]) for e in postrun] == [("SUCCESS", "jobs_project.add")]
+    assert postrun[0]["pid"] in children  # task signals fire in the pool process

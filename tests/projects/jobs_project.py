@@ -111,3 +111,22 @@ def build_report(job):
     if job.payload.get("fail"):
         raise RuntimeError(f"report for {job.payload['customer']} failed")
     return {"customer": job.payload["customer"], "attempt": job.attempts}
+
+
+# Celery's signals, observed from the worker and its pool processes.
+from heretic_kombu import signals  # noqa: E402
+
+
+@signals.worker_ready.connect
+def _ready(sender=None, **kwargs):
+    _record_event("worker_ready")
+
+
+@signals.worker_process_init.connect
+def _child(sender=None, **kwargs):
+    _record_event("worker_process_init", pid=os.getpid())
+
+
+@signals.task_postrun.connect
+def _postrun(sender=None, task_id=None, state=None, **kwargs):
+    _record_event("task_postrun", task=sender.name, task_id=task_id, state=state, pid=os.getpid())
