@@ -31,6 +31,7 @@ from .exceptions import (
     QueueMismatchError,
 )
 from .result import AsyncResult
+from .routing import route
 from .store import Job as JobRow
 from .store import JobStore, NewJob, utcnow
 from .task import Task, current_request, make_task
@@ -313,8 +314,8 @@ class Heretic:
         settings = self.settings
         if settings.always_eager and name in self.tasks:
             return self._run_eagerly(name, args, kwargs, task_id)
+        task = self.tasks.get(name)
         if max_attempts is None:
-            task = self.tasks.get(name)
             max_attempts = retry_policy.max_attempts_for(task.max_retries if task else 3)
         task_id = protocol.check_task_id(task_id) if task_id else protocol.new_task_id()
         now = utcnow()
@@ -328,7 +329,13 @@ class Heretic:
         if parent is not None and not parent.called_directly:  # sent from inside a task
             parent_id, root_id = parent.id, parent.root_id or parent.id
         payload = serialization.dumps({"args": args, "kwargs": kwargs})
-        queue_name = queue or settings.default_queue
+        # The call's queue, then Celery's task_routes, then the task's own, then the default.
+        queue_name = (
+            queue
+            or route(self.conf.get("task_routes"), name, args, kwargs)
+            or (task.queue if task is not None else None)
+            or settings.default_queue
+        )
         scheduled = run_at > now
         job = NewJob(
             task_id=task_id,

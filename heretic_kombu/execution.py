@@ -10,6 +10,7 @@ applied here, exactly as Celery wraps a task's ``run``.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 import traceback
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ from .task import Context, Task
 if TYPE_CHECKING:
     from .app import Heretic
     from .result import EagerResult
+
+logger = logging.getLogger("heretic_kombu.worker")
 
 SUCCEEDED = "succeeded"
 RETRY = "retry"
@@ -68,6 +71,7 @@ def run_task(task: Task, request: Context) -> dict[str, Any]:
         signals.task_prerun.send(
             sender=task, task_id=request.id, task=task, args=request.args, kwargs=request.kwargs
         )
+        _hook(task.before_start, request.id, request.args, request.kwargs)
         value, outcome = _attempt(task, request)
         _announce(task, request, value, outcome)
         return outcome
@@ -97,16 +101,21 @@ def _attempt(task: Task, request: Context) -> tuple[Any, dict[str, Any]]:
 def _announce(task: Task, request: Context, value: Any, outcome: dict[str, Any]) -> None:
     """Send task_success / task_retry / task_failure, then task_postrun, as Celery does."""
     status = outcome["status"]
+    einfo = outcome.get("traceback")
+    ids = (request.id, request.args, request.kwargs)
     if status == SUCCEEDED:
+        _hook(task.on_success, value, *ids)
         signals.task_success.send(sender=task, result=value)
         state, retval = states.CELERY_SUCCESS, value
     elif status == RETRY:
+        _hook(task.on_retry, outcome.get("cause"), *ids, einfo)
         signals.task_retry.send(
             sender=task, request=request, reason=outcome["error"], einfo=outcome.get("traceback")
         )
         state, retval = states.CELERY_RETRY, None
     else:
         exception = outcome.get("exception")
+        _hook(task.on_failure, exception, *ids, einfo)
         signals.task_failure.send(
             sender=task,
             task_id=request.id,
@@ -117,6 +126,7 @@ def _announce(task: Task, request: Context, value: Any, outcome: dict[str, Any])
             einfo=outcome.get("traceback"),
         )
         state, retval = states.CELERY_FAILURE, exception
+    _hook(task.after_return, state, retval, *ids, einfo)
     signals.task_postrun.send(
         sender=task,
         task_id=request.id,
@@ -126,6 +136,14 @@ def _announce(task: Task, request: Context, value: Any, outcome: dict[str, Any])
         retval=retval,
         state=state,
     )
+
+
+def _hook(method: Any, *args: Any) -> None:
+    """Call a task hook; a hook that raises is logged and does not change the outcome."""
+    try:
+        method(*args)
+    except Exception:
+        logger.exception("task hook %s failed", getattr(method, "__name__", method))
 
 
 def run_eagerly(
@@ -192,6 +210,8 @@ def _retry(signal: Retry) -> dict[str, Any]:
         "max_retries": getattr(signal, "max_retries", None),
         "args": getattr(signal, "new_args", None),
         "kwargs": getattr(signal, "new_kwargs", None),
+        # Only for hooks in this process; dropped before crossing a pipe.
+        "cause": cause,
     }
 
 

@@ -140,7 +140,7 @@ class Task:
             countdown=countdown,
             eta=eta,
             expires=expires if expires is not None else self.expires,
-            queue=queue or self.queue,
+            queue=queue,
             priority=priority if priority is not None else self.priority,
             max_attempts=retry_policy.max_attempts_for(self.max_retries),
             **options,
@@ -155,6 +155,48 @@ class Task:
         from .execution import run_eagerly
 
         return run_eagerly(self, list(args or ()), dict(kwargs or {}), options.get("task_id"))
+
+    # -- hooks for custom base classes (Celery's names and arguments) ----------------
+    # ``einfo`` is the formatted traceback text (Celery passes an ExceptionInfo).
+
+    def before_start(self, task_id: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """Called in the worker just before the task body runs."""
+
+    def on_success(
+        self, retval: Any, task_id: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> None:
+        """Called after the body returned."""
+
+    def on_failure(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        einfo: str | None,
+    ) -> None:
+        """Called after the body raised and the job will not be retried."""
+
+    def on_retry(
+        self,
+        exc: BaseException | None,
+        task_id: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        einfo: str | None,
+    ) -> None:
+        """Called when the attempt ends in a retry."""
+
+    def after_return(
+        self,
+        status: str,
+        retval: Any,
+        task_id: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        einfo: str | None,
+    ) -> None:
+        """Called after every attempt, with Celery's state name as ``status``."""
 
     # -- inside a running task ------------------------------------------------
 

@@ -8,3 +8,4 @@ result_serializer = "json"
 task_acks_late = True
 worker_prefetch_multiplier = 1
 task_default_queue = "billing"
+task_routes = {"billing.tasks.invoice": {"queue": "invoices"}}

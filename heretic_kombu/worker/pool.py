@@ -262,7 +262,8 @@ def _die_with_parent() -> None:
 
 
 def _without_live_objects(outcome: dict[str, Any]) -> dict[str, Any]:
-    outcome.pop("exception", None)
+    outcome.pop("exception", None)  # live objects stay in the process that ran the task
+    outcome.pop("cause", None)
     return outcome
 
 

@@ -36,6 +36,8 @@ def billing(backend, monkeypatch, tmp_path):
                 "threads",
                 "-c",
                 "2",
+                "-Q",
+                "billing,invoices",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -52,6 +54,7 @@ def billing(backend, monkeypatch, tmp_path):
             from helpers import delete_queues
 
             delete_queues("billing")
+            delete_queues("invoices")
 
 
 def test_billing_project_runs_unchanged(billing):
@@ -66,6 +69,7 @@ def test_billing_project_runs_unchanged(billing):
         declined.get(timeout=30)
     inv = tasks.invoice.delay("acme", [{"cents": 100}, {"cents": 250}])
     assert inv.get(timeout=30) == {"customer": "acme", "total": 350, "invoice_id": inv.id}
+    assert billing.store.get(inv.id).queue_name == "invoices"  # celeryconfig's task_routes
     assert tasks.settle.delay().get(timeout=30) == "gave up politely"
     job = billing.store.get(ok.id)
     assert job.queue_name == "billing" and job.status == states.SUCCEEDED
