@@ -96,6 +96,7 @@ class Heretic:
         self.main = main
         self.tasks: dict[str, Task] = {}
         self.include = list(include or ())
+        self._autodiscover: list[tuple[Any, str]] = []
         self._listeners: dict[str, list[Callable[..., Any]]] = {name: [] for name in EVENTS}
         self._settings: Settings | None = None
         self._store: JobStore | None = None
@@ -197,9 +198,27 @@ class Heretic:
         self.tasks[task.name] = task
 
     def import_modules(self) -> None:
-        """Import the modules named in ``include`` (a worker does this at start)."""
+        """Import ``include`` and the autodiscovered modules (a worker does this at start)."""
         for module in self.include:
             importlib.import_module(module)
+        for packages, related_name in self._autodiscover:
+            _discover(packages, related_name)
+
+    def autodiscover_tasks(
+        self,
+        packages: Iterable[str] | Callable[[], Iterable[str]] | None = None,
+        related_name: str = "tasks",
+        force: bool = False,
+    ) -> None:
+        """Import ``<package>.<related_name>`` of each package, as Celery does.
+
+        ``packages`` may be a callable (e.g. ``lambda: settings.INSTALLED_APPS``); it is
+        called when the worker starts, or now with ``force=True``. A package without
+        that module is skipped.
+        """
+        self._autodiscover.append((packages, related_name))
+        if force:
+            _discover(packages, related_name)
 
     # -- the original heretic API --------------------------------------------
 
@@ -453,6 +472,17 @@ class Job:
 
 
 Celery = Heretic
+
+
+def _discover(packages: Any, related_name: str) -> None:
+    for package in (packages() if callable(packages) else packages) or ():
+        module = f"{package}.{related_name}"
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # the module exists but fails to import: say so
+                raise
+
 
 #: apply_async options whose Celery behaviour is not built yet: refused, never dropped.
 _UNSUPPORTED_OPTIONS = ("link", "link_error", "chord", "chain", "add_to_parent")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import failure, states
 from .exceptions import HereticKombuError, TaskRevokedError, TimeoutError
-from .task import current_request
+from .task import PROGRESS_KEY, current_request
 
 if TYPE_CHECKING:
     from .app import Heretic
@@ -44,7 +44,12 @@ class AsyncResult:
     @property
     def state(self) -> str:
         """Celery's state name: PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
-        return states.to_celery(self.app.store.status_of(self.id))
+        status = self.app.store.status_of(self.id)
+        if status == states.STARTED:  # a custom state from update_state() wins
+            progress = _progress(self._job())
+            if progress is not None:
+                return str(progress[PROGRESS_KEY])
+        return states.to_celery(status)
 
     status = state
 
@@ -200,9 +205,19 @@ class EagerResult:
         return f"<EagerResult: {self.id}>"
 
 
+def _progress(job: Job | None) -> dict[str, Any] | None:
+    if job is not None and job.status == states.STARTED and isinstance(job.result, dict):
+        if PROGRESS_KEY in job.result:
+            return job.result
+    return None
+
+
 def _outcome(job: Job | None) -> Any:
     if job is None:
         return None
+    progress = _progress(job)
+    if progress is not None:
+        return progress.get("meta")
     if job.status == states.SUCCEEDED:
         return job.result
     if job.status in (states.FAILED, states.RETRYING):

@@ -53,6 +53,9 @@ class Context:
 
 _current = threading.local()
 
+#: Key of the ``result`` object that holds a running job's ``update_state`` progress.
+PROGRESS_KEY = "progress_state"
+
 
 def current_request() -> Context | None:
     """The request of the task running in this thread, if any (for lineage and checks)."""
@@ -155,6 +158,23 @@ class Task:
         from .execution import run_eagerly
 
         return run_eagerly(self, list(args or ()), dict(kwargs or {}), options.get("task_id"))
+
+    def update_state(
+        self,
+        task_id: str | None = None,
+        state: str | None = None,
+        meta: Any = None,
+        **_: Any,
+    ) -> None:
+        """Publish progress of the running job: ``AsyncResult.state`` becomes ``state``
+        and ``.info`` becomes ``meta`` until the attempt ends (Celery's update_state)."""
+        from . import serialization
+
+        task_id = task_id or self.request.id
+        if task_id is None or self.request.is_eager:
+            return
+        progress = serialization.dumps({PROGRESS_KEY: state or "PROGRESS", "meta": meta})
+        self._get_app().store.set_progress(task_id, progress)
 
     # -- hooks for custom base classes (Celery's names and arguments) ----------------
     # ``einfo`` is the formatted traceback text (Celery passes an ExceptionInfo).

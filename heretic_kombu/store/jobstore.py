@@ -342,6 +342,17 @@ class JobStore:
             )
         return result.rowcount > 0
 
+    def set_progress(self, task_id: str, progress: serialization.RawJSON) -> bool:
+        """Store a running job's custom state and meta (``Task.update_state``) in ``result``;
+        the outcome of the attempt replaces it."""
+        with self._write() as conn:
+            result = conn.execute(
+                jobs.update()
+                .where(jobs.c.task_id == task_id, jobs.c.status == states.STARTED)
+                .values(result=progress, updated_at=utcnow())
+            )
+        return result.rowcount > 0
+
     def heartbeat(self, task_ids: Sequence[str]) -> None:
         """Touch the rows of jobs this worker is running: their lease is ``updated_at``."""
         if not task_ids:

@@ -370,3 +370,15 @@ def test_worker_and_task_signals_fire_in_the_right_processes(app, start_worker, 
     postrun = [e for e in backend.events("task_postrun") if e["task_id"] == result.id]
     assert [(e["state"], e["task"]) for e in postrun] == [("SUCCESS", "jobs_project.add")]
     assert postrun[0]["pid"] in children  # task signals fire in the pool process
+
+
+def test_update_state_shows_progress_while_running(app, start_worker, tmp_path):
+    marker, release = tmp_path / "running", tmp_path / "release"
+    start_worker()
+    result = jobs_project.progress.delay(str(marker), str(release))
+    wait_for(marker.exists, 30, "the job to report progress")
+    assert result.state == "PROGRESS" and result.info == {"done": 1, "of": 2}
+    assert row(app, result).status == states.STARTED
+    release.write_text("go")
+    assert result.get(timeout=30) == "done"
+    assert result.state == "SUCCESS" and result.info == "done"

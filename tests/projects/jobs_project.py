@@ -130,3 +130,14 @@ def _child(sender=None, **kwargs):
 @signals.task_postrun.connect
 def _postrun(sender=None, task_id=None, state=None, **kwargs):
     _record_event("task_postrun", task=sender.name, task_id=task_id, state=state, pid=os.getpid())
+
+
+@shared_task(bind=True)
+def progress(self, marker, release):
+    """Reports progress, then waits (bounded) until the test lets it finish."""
+    self.update_state(state="PROGRESS", meta={"done": 1, "of": 2})
+    Path(marker).write_text("running")
+    deadline = time.monotonic() + 20
+    while not Path(release).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return "done"
