@@ -1,5 +1,14 @@
 -- heretic_kombu schema, rendered from heretic_kombu/store/tables.py (`heretic db sql`).
--- Schema version 1. Do not edit by hand: change tables.py and re-render.
+-- Schema version 2. Do not edit by hand: change tables.py and re-render.
+CREATE TABLE heretic_chords (
+	group_id UUID NOT NULL, 
+	remaining INTEGER NOT NULL, 
+	total INTEGER NOT NULL, 
+	body JSONB NOT NULL, 
+	created_at TIMESTAMP WITH TIME ZONE DEFAULT CURRENT_TIMESTAMP NOT NULL, 
+	PRIMARY KEY (group_id)
+);
+
 CREATE TABLE heretic_jobs (
 	id BIGSERIAL NOT NULL, 
 	queue_name TEXT NOT NULL, 
@@ -25,6 +34,7 @@ CREATE TABLE heretic_jobs (
 	worker TEXT, 
 	started_at TIMESTAMP WITH TIME ZONE, 
 	finished_at TIMESTAMP WITH TIME ZONE, 
+	workflow JSONB, 
 	PRIMARY KEY (id), 
 	UNIQUE (task_id)
 );
@@ -60,4 +70,4 @@ CREATE TABLE heretic_schema_version (
 	PRIMARY KEY (version)
 );
 
-INSERT INTO heretic_schema_version (version) VALUES (1);
+INSERT INTO heretic_schema_version (version) VALUES (2);

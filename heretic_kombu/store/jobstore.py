@@ -68,6 +68,7 @@ class Job:
     worker: str | None
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    workflow: dict[str, Any] | None = None
 
     @property
     def args(self) -> list[Any]:
@@ -95,6 +96,8 @@ class NewJob:
     root_id: str | None = None
     group_id: str | None = None
     attempts: int = 0
+    #: Canvas links, Celery's embed keys: callbacks, errbacks, chain, chord.
+    workflow: serialization.RawJSON | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,18 +147,34 @@ class JobStore:
         self._engine = None
 
     def create_schema(self) -> bool:
-        """Create the table, indexes, trigger and version row if missing.
+        """Create the tables, indexes, trigger and version row if missing, or upgrade
+        an older schema (new tables, new nullable columns) to this version.
 
         Idempotent, and safe when several processes run it at once. Returns ``True``
-        if anything was created.
+        if anything was created or changed.
         """
         with self._write() as conn:
             if self.is_postgresql:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_INIT_LOCK_KEY)))
-            if sa.inspect(conn).has_table(jobs.name):
+            inspector = sa.inspect(conn)
+            existing = {t.name for t in metadata.sorted_tables if inspector.has_table(t.name)}
+            current = None
+            if schema_version.name in existing:
+                current = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+            if current == SCHEMA_VERSION:
                 self._schema_ready = True
                 return False
-            metadata.create_all(conn)
+            metadata.create_all(conn)  # only what is missing
+            for table in metadata.sorted_tables:
+                if table.name not in existing:
+                    continue
+                have = {c["name"] for c in inspector.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name not in have:  # added in a later schema: nullable
+                        kind = column.type.compile(dialect=conn.dialect)
+                        conn.exec_driver_sql(
+                            f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"
+                        )
             conn.execute(
                 sa.insert(schema_version).values(version=SCHEMA_VERSION, applied_at=utcnow())
             )

@@ -29,7 +29,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -85,6 +85,9 @@ jobs = Table(
     Column("worker", Text),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
+    # -- canvas (schema 2): what runs after this job, in Celery's message terms:
+    # {"callbacks": [...], "errbacks": [...], "chain": [...], "chord": {...}}
+    Column("workflow", _json),
 )
 
 Index("heretic_jobs_status_idx", jobs.c.status)
@@ -104,6 +107,20 @@ Index(
     jobs.c.eta,
     postgresql_where=text("status IN ('scheduled', 'retrying')"),
     sqlite_where=text("status IN ('scheduled', 'retrying')"),
+)
+
+# A chord's counter: the header jobs still to finish. Each header job that ends
+# decrements it in the same transaction that records its outcome; the one that takes it
+# to zero writes the body job, so the body is written exactly once however many
+# workers race (a failed header sets it to -1 and fails the body instead).
+chords = Table(
+    "heretic_chords",
+    metadata,
+    Column("group_id", Uuid(as_uuid=False), primary_key=True),
+    Column("remaining", Integer, nullable=False),
+    Column("total", Integer, nullable=False),
+    Column("body", _json, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
 )
 
 schema_version = Table(
