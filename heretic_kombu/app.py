@@ -11,6 +11,7 @@ as ``scheduled``: a worker's scheduler publishes it when due.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import importlib
 import logging
@@ -18,10 +19,11 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import protocol, result, serialization, signals, states
+from . import canvas, protocol, result, serialization, signals, states
 from . import retry as retry_policy
 from . import transaction as _transaction
 from .broker import Broker
+from .builtins import register_builtins
 from .config import Settings, refuse_non_json
 from .exceptions import (
     ConfigurationError,
@@ -109,6 +111,7 @@ class Heretic:
         self.conf.update(settings)
         for task in _shared_tasks:
             self._register(task, bound=False)
+        register_builtins(self)
         _apps.append(self)
 
     def __repr__(self) -> str:
@@ -329,34 +332,100 @@ class Heretic:
         kwargs = dict(kwargs or {})
         if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
             raise TypeError("kwargs must be a dict with string keys")
-        _check_options(options)
-        settings = self.settings
-        if settings.always_eager and name in self.tasks:
+        if self.settings.always_eager and name in self.tasks:
             return self._run_eagerly(name, args, kwargs, task_id)
+        link, link_error = options.pop("link", None), options.pop("link_error", None)
+        if link or link_error:  # callbacks make it a signature: plan it as one
+            sig = canvas.Signature(name, args, kwargs, app=self)
+            for callback in _as_list(link):
+                sig.link(canvas.signature(callback, app=self))
+            for errback in _as_list(link_error):
+                sig.link_error(canvas.signature(errback, app=self))
+            sig.set(
+                task_id=task_id,
+                countdown=countdown,
+                eta=eta,
+                expires=expires,
+                queue=queue,
+                priority=priority,
+                max_attempts=max_attempts,
+                **options,
+            )
+            return self.apply_signature(sig)  # type: ignore[no-any-return]
+        parent = current_request()
+        parent_id = root_id = None
+        if parent is not None and not parent.called_directly:  # sent from inside a task
+            parent_id, root_id = parent.id, parent.root_id or parent.id
+        job = self.build_job(
+            name,
+            args,
+            kwargs,
+            task_id=task_id,
+            countdown=countdown,
+            eta=eta,
+            expires=expires,
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            parent_id=parent_id,
+            root_id=root_id,
+            **options,
+        )
+        self.submit(canvas.Plan(jobs=[job]))
+        return AsyncResult(job.task_id, app=self, task_name=name)
+
+    def build_job(
+        self,
+        name: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        *,
+        task_id: str | None = None,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        expires: float | dt.datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        parent_id: str | None = None,
+        root_id: str | None = None,
+        group_id: str | None = None,
+        workflow: serialization.RawJSON | None = None,
+        **options: Any,
+    ) -> NewJob:
+        """The row for one call of task ``name``: arguments encoded, queue routed, eta
+        and expiry resolved. Nothing is written yet.
+
+        Raises:
+            EncodeError: the arguments are not JSON.
+        """
+        _check_options(options)
         task = self.tasks.get(name)
+        if task is not None:
+            if max_attempts is None:
+                max_attempts = retry_policy.max_attempts_for(task.max_retries)
+            if expires is None:
+                expires = task.expires
+            if priority is None:
+                priority = task.priority
         if max_attempts is None:
-            max_attempts = retry_policy.max_attempts_for(task.max_retries if task else 3)
+            max_attempts = retry_policy.max_attempts_for(3)
         task_id = protocol.check_task_id(task_id) if task_id else protocol.new_task_id()
         now = utcnow()
         run_at = retry_policy.next_run_at(now, eta if eta is not None else countdown)
         expires_at = None
         if expires is not None:
             expires_at = retry_policy.next_run_at(now, expires)
-        parent = current_request()
-        parent_id: str | None = None
-        root_id: str | None = task_id
-        if parent is not None and not parent.called_directly:  # sent from inside a task
-            parent_id, root_id = parent.id, parent.root_id or parent.id
-        payload = serialization.dumps({"args": args, "kwargs": kwargs})
+        payload = serialization.dumps({"args": list(args), "kwargs": dict(kwargs)})
         # The call's queue, then Celery's task_routes, then the task's own, then the default.
         queue_name = (
             queue
             or route(self.conf.get("task_routes"), name, args, kwargs)
             or (task.queue if task is not None else None)
-            or settings.default_queue
+            or self.settings.default_queue
         )
         scheduled = run_at > now
-        job = NewJob(
+        return NewJob(
             task_id=task_id,
             task_name=name,
             queue_name=queue_name,
@@ -367,19 +436,46 @@ class Heretic:
             expires_at=expires_at,
             priority=priority,
             parent_id=parent_id,
-            root_id=root_id,
-            group_id=options.get("group_id"),
+            root_id=root_id or task_id,
+            group_id=group_id,
+            workflow=workflow,
         )
+
+    def apply_signature(self, sig: canvas.Signature) -> Any:
+        """Send a signature (a task, chain, group or chord): every row it needs is
+        written in one transaction, then the messages are published."""
+        if self.settings.always_eager:
+            return canvas.apply_eagerly(sig)
+        parent = current_request()
+        lineage = canvas.Lineage()
+        if parent is not None and not parent.called_directly:
+            lineage = canvas.Lineage(parent.id, parent.root_id or parent.id)
+        planned, handle = canvas.plan(self, sig, lineage)
+        if lineage.root_id is None and planned.jobs:  # one root for the whole workflow
+            root = planned.jobs[0].task_id
+            planned.jobs = [dataclasses.replace(job, root_id=root) for job in planned.jobs]
+        self.submit(planned)
+        return handle
+
+    def submit(self, planned: canvas.Plan) -> list[JobRow]:
+        """Write a plan's rows (and chord counters) in one transaction, then publish the
+        jobs due now. Inside :meth:`transaction`, the caller's commit decides."""
         outbox = current_outbox()
-        if outbox is not None:  # inside app.transaction(...): the caller's commit decides
-            row = self.store.insert(job, connection=outbox.connection())
-            if not scheduled:
-                outbox.after_commit(lambda: self._deliver(row))
+        if outbox is not None:
+            rows = self.store.insert_plan(
+                planned.jobs, planned.chords, connection=outbox.connection()
+            )
+            outbox.after_commit(lambda: self.deliver_all(rows))
         else:
-            row = self.store.insert(job)
-            if not scheduled:
+            rows = self.store.insert_plan(planned.jobs, planned.chords)
+            self.deliver_all(rows)
+        return rows
+
+    def deliver_all(self, rows: Iterable[JobRow]) -> None:
+        """Publish the committed rows that are due now (``pending``)."""
+        for row in rows:
+            if row.status == states.PENDING:
                 self._deliver(row)
-        return AsyncResult(task_id, app=self, task_name=name)
 
     def _deliver(self, row: JobRow) -> None:
         """Publish a committed row's message and mark it ``queued``."""
@@ -414,6 +510,7 @@ class Heretic:
         Raises:
             PublishError: the broker did not confirm the message.
         """
+        workflow = job.workflow or {}
         message = protocol.TaskMessage(
             id=job.task_id,
             task=job.task_name,
@@ -426,6 +523,8 @@ class Heretic:
             group=job.group_id,
             job_id=job.id,
             priority=job.priority,
+            embed={key: workflow.get(key) for key in _EMBED_KEYS},
+            group_index=workflow.get("group_index"),
         )
         body, headers, properties = protocol.encode(message)
         route = {"exchange": job.queue_name, "routing_key": job.queue_name}
@@ -484,17 +583,19 @@ def _discover(packages: Any, related_name: str) -> None:
                 raise
 
 
-#: apply_async options whose Celery behaviour is not built yet: refused, never dropped.
-_UNSUPPORTED_OPTIONS = ("link", "link_error", "chord", "chain", "add_to_parent")
+#: The workflow keys a Celery message carries in its embed.
+_EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
 
 
 def _check_options(options: dict[str, Any]) -> None:
-    for key in _UNSUPPORTED_OPTIONS:
-        if options.get(key):
-            raise NotImplementedError(
-                f"apply_async({key}=...) is not supported yet; heretic_kombu refuses it"
-                " rather than silently dropping the callback"
-            )
     serializer = options.get("serializer")
     if serializer not in (None, "json"):
         raise ConfigurationError(f"serializer={serializer!r} refused: heretic_kombu is JSON only")

@@ -113,3 +113,7 @@ class Retry(HereticKombuError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return type(self), (str(self), self.exc, self.when)
+
+
+class ChordError(HereticKombuError):
+    """A chord's header job failed, so its body was not run (Celery's ``ChordError``)."""

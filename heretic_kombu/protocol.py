@@ -42,6 +42,7 @@ class TaskMessage:
     job_id: int | None = None  # heretic's row id; None for messages from Celery clients
     embed: dict[str, Any] = dataclasses.field(default_factory=dict)
     priority: int | None = None
+    group_index: int | None = None
 
 
 def encode(message: TaskMessage) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -55,7 +56,7 @@ def encode(message: TaskMessage) -> tuple[str, dict[str, Any], dict[str, Any]]:
         "eta": _iso(message.eta),
         "expires": _iso(message.expires),
         "group": message.group,
-        "group_index": None,
+        "group_index": message.group_index,
         "retries": message.retries,
         "timelimit": [None, None],
         "root_id": message.root_id or message.id,
@@ -110,6 +111,11 @@ def decode(
     retries = headers.get("retries") or 0
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise MalformedMessage("header 'retries' must be a non-negative integer")
+    group_index = headers.get("group_index")
+    if group_index is not None and (
+        not isinstance(group_index, int) or isinstance(group_index, bool)
+    ):
+        raise MalformedMessage("header 'group_index' must be an integer or null")
     job_id = headers.get(JOB_ID_HEADER)
     if job_id is not None and (not isinstance(job_id, int) or isinstance(job_id, bool)):
         raise MalformedMessage(f"header '{JOB_ID_HEADER}' must be an integer")
@@ -127,6 +133,7 @@ def decode(
         job_id=job_id,
         embed=embed or {},
         priority=priority,
+        group_index=group_index,
     )
 
 

@@ -31,6 +31,8 @@ class AsyncResult:
         self.id = str(id)
         self.app = app
         self._task_name = task_name
+        #: The result of the step before this one in a chain (set by the canvas).
+        self.parent: Any = None
 
     @property
     def task_id(self) -> str:
@@ -153,6 +155,16 @@ class AsyncResult:
 
     wait = get
 
+    def forget(self) -> None:
+        """Drop the stored result and traceback (Celery's ``forget``). The row itself
+        stays, with its status and attempt logs: the history is the point of heretic."""
+        self.app.store.forget(self.id)
+
+    @property
+    def children(self) -> list[AsyncResult]:
+        """Jobs this job sent (callbacks, the next chain step, jobs sent from its body)."""
+        return [AsyncResult(j.task_id, app=self.app) for j in self.app.store.children_of(self.id)]
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: {self.id}>"
 
@@ -168,6 +180,74 @@ class AsyncResult:
 
     def __hash__(self) -> int:
         return hash(self.id)
+
+
+class GroupResult:
+    """The results of a group's jobs, in the group's order (Celery's ``GroupResult``)."""
+
+    def __init__(self, id: str, results: list[Any], app: Heretic | None = None) -> None:
+        self.id = id
+        self.results = list(results)
+        self.app = app
+        self.parent: Any = None
+
+    def __iter__(self) -> Any:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.results[index]
+
+    @property
+    def children(self) -> list[Any]:
+        return self.results
+
+    def ready(self) -> bool:
+        """True when every job has finished (succeeded, failed or revoked)."""
+        return all(r.ready() for r in self.results)
+
+    def successful(self) -> bool:
+        """True when every job succeeded."""
+        return all(r.successful() for r in self.results)
+
+    def failed(self) -> bool:
+        """True when any job failed."""
+        return any(r.failed() for r in self.results)
+
+    def waiting(self) -> bool:
+        """True while any job has not finished."""
+        return not self.ready()
+
+    def completed_count(self) -> int:
+        """How many jobs succeeded."""
+        return sum(1 for r in self.results if r.successful())
+
+    def get(
+        self, timeout: float | None = None, propagate: bool = True, **options: Any
+    ) -> list[Any]:
+        """Wait for every job; return their results in order (``join``)."""
+        return self.join(timeout=timeout, propagate=propagate, **options)
+
+    def join(
+        self, timeout: float | None = None, propagate: bool = True, **options: Any
+    ) -> list[Any]:
+        """Wait for each job in turn within one overall ``timeout``; the first failure
+        raises when ``propagate`` is true."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        values = []
+        for result in self.results:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            values.append(result.get(timeout=remaining, propagate=propagate, **options))
+        return values
+
+    def forget(self) -> None:
+        for result in self.results:
+            result.forget()
+
+    def __repr__(self) -> str:
+        return f"<GroupResult: {self.id} [{', '.join(str(r.id) for r in self.results)}]>"
 
 
 class EagerResult:

@@ -19,6 +19,7 @@ from .exceptions import ConfigurationError, MaxRetriesExceededError, Retry
 
 if TYPE_CHECKING:
     from .app import Heretic
+    from .canvas import Signature
     from .result import AsyncResult
 
 
@@ -147,6 +148,49 @@ class Task:
             priority=priority if priority is not None else self.priority,
             max_attempts=retry_policy.max_attempts_for(self.max_retries),
             **options,
+        )
+
+    # -- signatures (canvas) -------------------------------------------------
+
+    def signature(
+        self, args: Any = None, kwargs: Any = None, *starargs: Any, **options: Any
+    ) -> Signature:
+        """A signature of this task with these arguments and options (``.s()`` spelled out)."""
+        from .canvas import Signature
+
+        immutable = options.pop("immutable", False)
+        return Signature(self, args, kwargs, options, immutable=immutable, app=self._get_app())
+
+    subtask = signature
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A partial signature: ``add.s(2)`` later called with more arguments."""
+        return self.signature(args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable signature: a parent's result is not passed to it."""
+        return self.signature(args, kwargs, immutable=True)
+
+    def starmap(self, it: Any) -> Signature:
+        """One job calling this task once per argument tuple of ``it`` (Celery's starmap)."""
+        from .canvas import Signature
+
+        arguments = {"task": self.s(), "it": [list(a) for a in it]}
+        return Signature("celery.starmap", (), arguments, app=self._get_app())
+
+    def map(self, it: Any) -> Signature:
+        """One job calling this task once per item of ``it`` (Celery's map)."""
+        from .canvas import Signature
+
+        return Signature("celery.map", (), {"task": self.s(), "it": list(it)}, app=self._get_app())
+
+    def chunks(self, it: Any, n: int) -> Any:
+        """A group of starmap jobs over ``it`` in chunks of ``n`` (Celery's chunks)."""
+        from .canvas import group
+
+        items = [list(a) for a in it]
+        return group(
+            *(self.starmap(items[i : i + n]) for i in range(0, len(items), n)), app=self._get_app()
         )
 
     def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's name

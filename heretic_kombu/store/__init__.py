@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .jobstore import AttemptResult, Job, JobStore, NewJob, log_line, render_postgresql_ddl, utcnow
+from .jobstore import (
+    AttemptResult,
+    Job,
+    JobStore,
+    NewJob,
+    NextSteps,
+    log_line,
+    render_postgresql_ddl,
+    utcnow,
+)
 from .tables import SCHEMA_VERSION, jobs
 
 __all__ = [
@@ -11,6 +20,7 @@ __all__ = [
     "Job",
     "JobStore",
     "NewJob",
+    "NextSteps",
     "jobs",
     "log_line",
     "render_postgresql_ddl",

@@ -27,7 +27,14 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from .. import serialization, states
 from ..exceptions import StoreError
-from .tables import SCHEMA_VERSION, jobs, metadata, schema_version, updated_at_trigger
+from .tables import (
+    SCHEMA_VERSION,
+    chords,
+    jobs,
+    metadata,
+    schema_version,
+    updated_at_trigger,
+)
 
 # Any number; PostgreSQL advisory lock that serialises concurrent `db init`s.
 _INIT_LOCK_KEY = 0x68657265  # "here"
@@ -98,6 +105,9 @@ class NewJob:
     attempts: int = 0
     #: Canvas links, Celery's embed keys: callbacks, errbacks, chain, chord.
     workflow: serialization.RawJSON | None = None
+    #: Set only for a row written already finished (a chord body failed by its header).
+    result: serialization.RawJSON | None = None
+    error: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +122,23 @@ class AttemptResult:
     eta: dt.datetime | None = None  # next attempt, for retrying
     max_attempts: int | None = None  # a retry may raise the limit (retry(max_retries=...))
     payload: serialization.RawJSON | None = None  # a retry may change the arguments
+
+
+@dataclasses.dataclass
+class NextSteps:
+    """What a finished attempt sends next, written in the transaction that records it.
+
+    ``jobs``/``chords`` are already planned; for a chord header job, ``chord_group``
+    names the chord and the two callables plan its body (given the body and the
+    header's results) or its failure (given the body), as ``(jobs, chord counters)``.
+    """
+
+    jobs: Sequence[NewJob] = ()
+    chords: Sequence[Any] = ()
+    chord_group: str | None = None
+    chord_succeeded: bool = True
+    complete_chord: Callable[[Any, list[Any]], tuple[list[NewJob], list[Any]]] | None = None
+    fail_chord: Callable[[Any], tuple[list[NewJob], list[Any]]] | None = None
 
 
 class JobStore:
@@ -194,25 +221,69 @@ class JobStore:
         With ``connection`` (a caller's transaction), the row is written through it and
         commits or rolls back with the caller's work.
         """
+        return self.insert_plan([job], connection=connection)[0]
+
+    def insert_plan(
+        self,
+        new_jobs: Sequence[NewJob],
+        chord_counters: Sequence[Any] = (),
+        connection: Connection | None = None,
+    ) -> list[Job]:
+        """Write several rows (and chord counters) in one transaction; return the rows.
+
+        ``chord_counters`` have ``group_id``, ``total`` and ``body`` (encoded JSON). With
+        ``connection`` (a caller's transaction) the rows commit or roll back with the
+        caller's work.
+        """
         self.ensure_schema()
-        values = dataclasses.asdict(job)
-        now = utcnow()
-        # The payload goes in as JSON text, so that it is stored the same whichever
-        # engine (ours, or the caller's for a transactional enqueue) sends it.
-        payload: Any = sa.bindparam(None, str(job.payload), type_=sa.Text)
-        if (connection.dialect if connection is not None else self.engine.dialect).name == (
-            "postgresql"
-        ):
-            payload = sa.cast(payload, postgresql.JSONB)
-        values.update(payload=payload, created_at=now, updated_at=now, attempt_logs=[])
-        statement = jobs.insert().values(**values).returning(*jobs.c)
         if connection is not None:
             with _wrap_errors():
-                row = _to_job(connection.execute(statement).one())
-            # Read back through a foreign engine, the payload may not be decoded our way.
-            return dataclasses.replace(row, payload=serialization.loads(job.payload))
+                rows = self._insert_rows(connection, new_jobs, chord_counters)
+            # Read back through a foreign engine, JSON may not be decoded our way.
+            return [
+                dataclasses.replace(
+                    row,
+                    payload=serialization.loads(job.payload),
+                    workflow=serialization.loads(job.workflow) if job.workflow else None,
+                )
+                for row, job in zip(rows, new_jobs, strict=True)
+            ]
         with self._write() as conn:
-            return _to_job(conn.execute(statement).one())
+            return self._insert_rows(conn, new_jobs, chord_counters)
+
+    def _insert_rows(
+        self, conn: Connection, new_jobs: Sequence[NewJob], chord_counters: Sequence[Any]
+    ) -> list[Job]:
+        # JSON goes in as text, so that it is stored the same whichever engine (ours, or
+        # the caller's for a transactional enqueue) sends it.
+        postgres = conn.dialect.name == "postgresql"
+        for counter in chord_counters:
+            conn.execute(
+                chords.insert().values(
+                    group_id=counter.group_id,
+                    remaining=counter.total,
+                    total=counter.total,
+                    body=_json_text(counter.body, postgres),
+                    created_at=utcnow(),
+                )
+            )
+        rows = []
+        for job in new_jobs:
+            values = dataclasses.asdict(job)
+            now = utcnow()
+            values.update(
+                payload=_json_text(job.payload, postgres),
+                workflow=_json_text(job.workflow, postgres),
+                result=_json_text(job.result, postgres),
+                created_at=now,
+                updated_at=now,
+                attempt_logs=[],
+            )
+            if job.status in states.TERMINAL:  # e.g. a chord body failed with its header
+                values["finished_at"] = now
+            statement = jobs.insert().values(**values).returning(*jobs.c)
+            rows.append(_to_job(conn.execute(statement).one()))
+        return rows
 
     def insert_if_missing(self, job: NewJob) -> None:
         """Write the row for a job that arrived without one (sent by a Celery client)."""
@@ -409,11 +480,20 @@ class JobStore:
             )
         return result.rowcount
 
-    def record_attempt(self, task_id: str, attempt: int, outcome: AttemptResult) -> bool:
-        """Record how attempt number ``attempt`` ended; return ``False`` if it was superseded.
+    def record_attempt(
+        self,
+        task_id: str,
+        attempt: int,
+        outcome: AttemptResult,
+        then: NextSteps | None = None,
+    ) -> list[Job] | None:
+        """Record how attempt number ``attempt`` ended, with what the workflow sends next.
 
-        One statement: status, result or error, the next eta, and exactly one
-        ``attempt_logs`` line. Only the attempt that is still current is recorded.
+        One transaction: the row's status, result or error, the next eta and exactly one
+        ``attempt_logs`` line; then the rows of ``then`` (callbacks, the next chain
+        step, errbacks) and the chord counter step. Only the attempt that is still
+        current is recorded: returns ``None`` if it was superseded (nothing written),
+        else the follow-up rows written, for the caller to publish.
         """
         now = utcnow()
         values: dict[str, Any] = {
@@ -442,7 +522,48 @@ class JobStore:
                 )
                 .values(**values)
             )
-        return result.rowcount > 0
+            if result.rowcount == 0:
+                return None
+            if then is None:
+                return []
+            new_jobs, counters = list(then.jobs), list(then.chords)
+            if then.chord_group is not None:
+                more_jobs, more_counters = self._chord_step(conn, then)
+                new_jobs += more_jobs
+                counters += more_counters
+            return self._insert_rows(conn, new_jobs, counters)
+
+    def _chord_step(self, conn: Connection, then: NextSteps) -> tuple[list[NewJob], list[Any]]:
+        """Count a chord header job that ended. The job that takes the counter to zero
+        plans the body with the header's results; the first failed one sets it to -1
+        and fails the body. Row locks (PostgreSQL) or the write lock (SQLite) make
+        exactly one job see each transition."""
+        group_id = then.chord_group
+        if then.chord_succeeded:
+            row = conn.execute(
+                chords.update()
+                .where(chords.c.group_id == group_id, chords.c.remaining > 0)
+                .values(remaining=chords.c.remaining - 1)
+                .returning(chords.c.remaining, chords.c.body)
+            ).first()
+            if row is None or row.remaining != 0 or then.complete_chord is None:
+                return [], []
+            members = conn.execute(
+                sa.select(jobs.c.result, jobs.c.workflow).where(
+                    jobs.c.group_id == group_id, jobs.c.status == states.SUCCEEDED
+                )
+            ).all()
+            ordered = sorted(members, key=lambda m: (m.workflow or {}).get("group_index", 0))
+            return then.complete_chord(row.body, [m.result for m in ordered])
+        row = conn.execute(
+            chords.update()
+            .where(chords.c.group_id == group_id, chords.c.remaining > 0)
+            .values(remaining=-1)
+            .returning(chords.c.body)
+        ).first()
+        if row is None or then.fail_chord is None:
+            return [], []
+        return then.fail_chord(row.body)
 
     def fail_unhandleable(self, task_id: str, error: str) -> bool:
         """Fail a job whose message can never be handled (e.g. its task is unknown)."""
@@ -485,6 +606,15 @@ class JobStore:
                 sa.select(jobs.c.status).where(jobs.c.task_id == task_id)
             ).scalar_one_or_none()
 
+    def children_of(self, task_id: str) -> list[Job]:
+        """The jobs ``task_id`` sent (its ``parent_id``), oldest first."""
+        self.ensure_schema()
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(jobs).where(jobs.c.parent_id == task_id).order_by(jobs.c.id)
+            )
+            return [_to_job(row) for row in rows]
+
     def list(
         self,
         *,
@@ -504,6 +634,21 @@ class JobStore:
             query = query.where(jobs.c.queue_name == queue_name)
         with self._read() as conn:
             return [_to_job(row) for row in conn.execute(query)]
+
+    def forget(self, task_id: str) -> bool:
+        """Clear a finished job's result and traceback (``AsyncResult.forget``)."""
+        with self._write() as conn:
+            result = conn.execute(
+                jobs.update()
+                .where(jobs.c.task_id == task_id, jobs.c.status.in_(states.TERMINAL))
+                .values(
+                    result=None,
+                    traceback=None,
+                    updated_at=utcnow(),
+                    attempt_logs=self._append(f"{_stamp(utcnow())} result forgotten"),
+                )
+            )
+        return result.rowcount > 0
 
     def render_ddl(self) -> str:
         """The PostgreSQL DDL of the schema (what ``sql/schema.sql`` holds)."""
@@ -625,6 +770,13 @@ def _to_job(row: Any) -> Job:
         data[key] = _aware(data[key])
     data["attempt_logs"] = list(data["attempt_logs"] or [])
     return Job(**data)
+
+
+def _json_text(value: serialization.RawJSON | None, postgres: bool) -> Any:
+    if value is None:
+        return None
+    param: Any = sa.bindparam(None, str(value), type_=sa.Text)
+    return sa.cast(param, postgresql.JSONB) if postgres else param
 
 
 def _stamp(moment: dt.datetime) -> str:

@@ -29,12 +29,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import failure, protocol, serialization, signals, states
+from .. import canvas, failure, protocol, serialization, signals, states
 from .. import retry as retry_policy
 from ..broker import Delivery, Subscription
 from ..exceptions import EncodeError, MalformedMessage, StoreError, WorkerLostError
 from ..execution import FAILED, LOST, RETRY, SUCCEEDED
-from ..store import AttemptResult, Job, NewJob, log_line, utcnow
+from ..store import AttemptResult, Job, NewJob, NextSteps, log_line, utcnow
 from .pool import POOLS, Pool
 
 if TYPE_CHECKING:
@@ -234,6 +234,7 @@ class Worker:
             root_id=message.root_id or message.id,
             group_id=message.group,
             attempts=message.retries,
+            workflow=_workflow_of(message),
         )
         self._store_call(self.app.store.insert_if_missing, row)
         if later:
@@ -343,7 +344,11 @@ class Worker:
 
     def _record(self, delivery: Delivery, job: Job, outcome: dict[str, Any]) -> None:
         result = self._attempt_result(job, outcome)
-        if not self._store_call(self.app.store.record_attempt, job.task_id, job.attempts, result):
+        then = self._next_steps(job, result)
+        followups = self._store_call(
+            self.app.store.record_attempt, job.task_id, job.attempts, result, then
+        )
+        if followups is None:
             logger.warning(
                 "Task %s[%s] attempt %d was superseded; its outcome is not recorded",
                 job.task_name,
@@ -352,6 +357,8 @@ class Worker:
             )
         # Only now, with the outcome committed, may the message go (invariant 2).
         self._subscription.ack(delivery)  # type: ignore[union-attr]
+        if followups:
+            self._deliver(followups)
         runtime = outcome.get("runtime") or 0.0
         if result.status == states.SUCCEEDED:
             logger.info("Task %s[%s] succeeded in %.3fs", job.task_name, job.task_id, runtime)
@@ -371,6 +378,25 @@ class Worker:
         self.app.emit("job_failed", exc, self._store_call(self.app.store.get, job.task_id) or job)
         if result.status == states.RETRYING and result.eta is not None and result.eta <= utcnow():
             self._next_tick = 0.0  # publish the immediate retry now, not at the next tick
+
+    def _next_steps(self, job: Job, result: AttemptResult) -> NextSteps | None:
+        """Plan what the job's workflow sends next (callbacks, chain, chord, errbacks)."""
+        if not job.workflow or result.status not in (states.SUCCEEDED, states.FAILED):
+            return None
+        value = serialization.loads(result.result) if result.result else None
+        try:
+            return canvas.next_steps(self.app, job, result.status, value, result.error)
+        except Exception:
+            logger.exception("Task %s[%s]: workflow not planned", job.task_name, job.task_id)
+            return None
+
+    def _deliver(self, rows: list[Job]) -> None:
+        """Publish follow-up jobs written with an outcome; one that cannot be published
+        now stays ``pending`` for the reconciler."""
+        try:
+            self.app.deliver_all(rows)
+        except Exception as exc:
+            logger.warning("follow-up jobs not published now (%r); the reconciler will", exc)
 
     def _attempt_result(self, job: Job, outcome: dict[str, Any]) -> AttemptResult:
         now = utcnow()
@@ -517,6 +543,18 @@ def _when(value: Any) -> float | dt.datetime | None:
     if isinstance(value, str):
         return dt.datetime.fromisoformat(value)
     return value
+
+
+def _workflow_of(message: protocol.TaskMessage) -> serialization.RawJSON | None:
+    """The canvas links a Celery client put in a message's embed, for the job's row."""
+    workflow: dict[str, Any] = {
+        key: message.embed.get(key) for key in ("callbacks", "errbacks", "chain", "chord")
+    }
+    if message.group_index is not None:
+        workflow["group_index"] = message.group_index
+    if not any(value is not None for value in workflow.values()):
+        return None
+    return serialization.dumps(workflow)
 
 
 def _header_id(delivery: Delivery) -> str | None:

@@ -11,6 +11,8 @@ import os
 import time
 from pathlib import Path
 
+import canvas_tasks  # noqa: F401 - the canvas cases' tasks, in the same worker
+
 from heretic_kombu import Heretic, shared_task
 
 app = Heretic("jobs_project")
