@@ -9,23 +9,31 @@ from __future__ import annotations
 from . import exceptions, states
 from .__about__ import __version__
 from .app import Celery, Heretic, Job, current_app
+from .canvas import Signature, chain, chord, group, signature, subtask
 from .exceptions import HereticKombuError, MaxRetriesExceededError, Retry
-from .result import AsyncResult, EagerResult
+from .result import AsyncResult, EagerResult, GroupResult
 from .task import Task, shared_task
 
 __all__ = [
     "AsyncResult",
     "Celery",
     "EagerResult",
+    "GroupResult",
     "Heretic",
     "HereticKombuError",
     "Job",
     "MaxRetriesExceededError",
     "Retry",
+    "Signature",
     "Task",
     "__version__",
+    "chain",
+    "chord",
     "current_app",
     "exceptions",
+    "group",
     "shared_task",
+    "signature",
     "states",
+    "subtask",
 ]

@@ -13,17 +13,24 @@ EXPECTED_ALL = [
     "AsyncResult",
     "Celery",
     "EagerResult",
+    "GroupResult",
     "Heretic",
     "HereticKombuError",
     "Job",
     "MaxRetriesExceededError",
     "Retry",
+    "Signature",
     "Task",
     "__version__",
+    "chain",
+    "chord",
     "current_app",
     "exceptions",
+    "group",
     "shared_task",
+    "signature",
     "states",
+    "subtask",
 ]
 
 CELERY_EXCEPTION_NAMES = [
@@ -34,6 +41,7 @@ CELERY_EXCEPTION_NAMES = [
     "WorkerLostError",
     "NotRegistered",
     "EncodeError",
+    "ChordError",
 ]
 
 

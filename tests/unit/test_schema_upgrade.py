@@ -1,0 +1,39 @@
+"""A database made by an older heretic_kombu (schema 1) is upgraded in place, keeping its jobs."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from heretic_kombu.store import SCHEMA_VERSION, JobStore
+
+
+def test_schema_1_database_is_upgraded_and_keeps_its_rows(isolated_env):
+    url = f"sqlite:///{isolated_env}/old.sqlite3"
+    store = JobStore(url)
+    store.create_schema()
+    with store.engine.begin() as conn:  # turn it back into what schema 1 was
+        conn.exec_driver_sql("ALTER TABLE heretic_jobs DROP COLUMN workflow")
+        conn.exec_driver_sql("DROP TABLE heretic_chords")
+        conn.exec_driver_sql("DELETE FROM heretic_schema_version")
+        conn.exec_driver_sql(
+            "INSERT INTO heretic_schema_version (version, applied_at) VALUES (1, '2026-01-01')"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO heretic_jobs (queue_name, task_id, task_name, payload)"
+            " VALUES ('celery', '00000000000000000000000000000001', 'old.task',"
+            ' \'{"args": [1], "kwargs": {}}\')'
+        )
+    store.dispose()
+
+    upgraded = JobStore(url)
+    assert upgraded.create_schema() is True
+    assert upgraded.create_schema() is False  # already current
+    inspector = sa.inspect(upgraded.engine)
+    assert "workflow" in {c["name"] for c in inspector.get_columns("heretic_jobs")}
+    assert inspector.has_table("heretic_chords")
+    old = upgraded.get("00000000-0000-0000-0000-000000000001")
+    assert old is not None and old.args == [1] and old.workflow is None
+    with upgraded.engine.connect() as conn:
+        versions = conn.exec_driver_sql("SELECT version FROM heretic_schema_version").scalars()
+        assert sorted(versions) == [1, SCHEMA_VERSION]
+    upgraded.dispose()
