@@ -85,6 +85,8 @@ class Task:
     priority: int | None = None
     expires: float | dt.datetime | None = None
     ignore_result: bool = False
+    #: Expected errors: recorded as failures, but the worker logs them at INFO.
+    throws: tuple[type[BaseException], ...] = ()
     #: Always true in heretic: messages are acked only after the outcome is committed.
     acks_late: bool = True
     serializer: str = "json"

@@ -403,14 +403,22 @@ class JobStore:
             )
         return result.rowcount > 0
 
-    def release_lost_attempt(self, job: Job, log_line: str, give_up: AttemptResult | None) -> bool:
+    def release_lost_attempt(
+        self,
+        job: Job,
+        log_line: str,
+        give_up: AttemptResult | None,
+        then: NextSteps | None = None,
+    ) -> list[Job] | None:
         """Close an attempt whose worker died: log it, then make the job due again or fail it.
 
         Conditional on the row still being in that attempt, so two workers (or a
         redelivery and the reconciler) cannot both release it. A released job is
         ``retrying`` with its eta now: a redelivered message may claim it at once, and
         the scheduler publishes it if no message is left. ``give_up`` is recorded
-        instead when the job has no attempts left.
+        instead when the job has no attempts left, with the follow-ups of ``then``
+        (errbacks, chord failure) as :meth:`record_attempt` does. Returns ``None`` if
+        the attempt was not current, else the follow-up rows written.
         """
         now = utcnow()
         values: dict[str, Any] = {"updated_at": now, "attempt_logs": self._append(log_line)}
@@ -430,7 +438,7 @@ class JobStore:
                 )
                 .values(**values)
             )
-        return result.rowcount > 0
+            return self._follow_up(conn, then) if result.rowcount else None
 
     def set_progress(self, task_id: str, progress: serialization.RawJSON) -> bool:
         """Store a running job's custom state and meta (``Task.update_state``) in ``result``;
@@ -522,16 +530,18 @@ class JobStore:
                 )
                 .values(**values)
             )
-            if result.rowcount == 0:
-                return None
-            if then is None:
-                return []
-            new_jobs, counters = list(then.jobs), list(then.chords)
-            if then.chord_group is not None:
-                more_jobs, more_counters = self._chord_step(conn, then)
-                new_jobs += more_jobs
-                counters += more_counters
-            return self._insert_rows(conn, new_jobs, counters)
+            return self._follow_up(conn, then) if result.rowcount else None
+
+    def _follow_up(self, conn: Connection, then: NextSteps | None) -> list[Job]:
+        """Write what a finished job sends next, inside the transaction that finished it."""
+        if then is None:
+            return []
+        new_jobs, counters = list(then.jobs), list(then.chords)
+        if then.chord_group is not None:
+            more_jobs, more_counters = self._chord_step(conn, then)
+            new_jobs += more_jobs
+            counters += more_counters
+        return self._insert_rows(conn, new_jobs, counters)
 
     def _chord_step(self, conn: Connection, then: NextSteps) -> tuple[list[NewJob], list[Any]]:
         """Count a chord header job that ended. The job that takes the counter to zero

@@ -306,10 +306,13 @@ class Worker:
         """Log the lost attempt of ``row`` and make it due again (or fail it, if it was
         the last allowed one). Returns ``True`` if the job may run again."""
         line = log_line(utcnow(), row.attempts, row.worker or "?", f"lost: {why}")
-        give_up = None
+        give_up = then = None
         if row.attempts >= row.max_attempts:
             give_up = _lost_result(f"worker {row.worker} lost the last allowed attempt: {why}")
-        if self._store_call(self.app.store.release_lost_attempt, row, line, give_up):
+            then = self._next_steps(row, give_up)
+        followups = self._store_call(self.app.store.release_lost_attempt, row, line, give_up, then)
+        if followups is not None:
+            self._deliver(followups)
             logger.warning(
                 "Task %s[%s] attempt %d was lost with worker %s: %s",
                 row.task_name,
@@ -363,17 +366,17 @@ class Worker:
         if result.status == states.SUCCEEDED:
             logger.info("Task %s[%s] succeeded in %.3fs", job.task_name, job.task_id, runtime)
             return
-        logger.log(
-            logging.WARNING if result.status == states.RETRYING else logging.ERROR,
-            "Task %s[%s] %s",
-            job.task_name,
-            job.task_id,
-            result.log_line.split(": ", 1)[-1],
-        )
         exc = (
             failure.rebuild(serialization.loads(result.result))
             if result.result
             else WorkerLostError(result.error)
+        )
+        level = logging.WARNING if result.status == states.RETRYING else logging.ERROR
+        task = self.app.tasks.get(job.task_name)
+        if task is not None and task.throws and isinstance(exc, task.throws):
+            level = logging.INFO  # an expected error (Celery's ``throws``): not an error log
+        logger.log(
+            level, "Task %s[%s] %s", job.task_name, job.task_id, result.log_line.split(": ", 1)[-1]
         )
         self.app.emit("job_failed", exc, self._store_call(self.app.store.get, job.task_id) or job)
         if result.status == states.RETRYING and result.eta is not None and result.eta <= utcnow():

@@ -158,3 +158,10 @@ def test_a_rolled_back_transaction_sends_no_group(app, backend):
             raise RuntimeError("rollback")
     assert app.store.list() == []
     engine.dispose()
+
+
+def test_a_header_job_that_kills_its_worker_fails_the_chord(app, start_worker):
+    start_worker()
+    result = chord([jobs_project.add.s(1, 1), jobs_project.die.s()], ct.tsum.s()).apply_async()
+    with pytest.raises(exceptions.ChordError, match="WorkerLostError"):
+        result.get(timeout=60)

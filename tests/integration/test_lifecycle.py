@@ -382,3 +382,19 @@ def test_update_state_shows_progress_while_running(app, start_worker, tmp_path):
     release.write_text("go")
     assert result.get(timeout=30) == "done"
     assert result.state == "SUCCESS" and result.info == "done"
+
+
+def test_expected_errors_in_throws_are_failures_logged_at_info(app, start_worker):
+    import canvas_tasks
+
+    worker = start_worker()
+    result = canvas_tasks.reserve.delay("socks")
+    with pytest.raises(canvas_tasks.OutOfStock, match="no socks left"):
+        result.get(timeout=30)
+    assert app.store.get(result.id).status == states.FAILED
+    line = wait_for(
+        lambda: [ln for ln in worker.log().splitlines() if result.id in ln and "failed" in ln],
+        10,
+        "the failure's log line",
+    )[0]
+    assert "INFO" in line and "ERROR" not in line

@@ -1,4 +1,5 @@
-"""Tasks for the canvas cases (chain, group, chord, links), imported by jobs_project."""
+"""Tasks for the canvas cases (chain, group, chord, links) and task options, imported by
+jobs_project."""
 
 from __future__ import annotations
 
@@ -44,3 +45,12 @@ def explode(*args):
 @shared_task
 def errback_seen(task_id):
     return f"errback got {task_id}"
+
+
+class OutOfStock(Exception):
+    """An expected business error, declared in the task's ``throws``."""
+
+
+@shared_task(throws=(OutOfStock,), max_retries=0)
+def reserve(item):
+    raise OutOfStock(f"no {item} left")
