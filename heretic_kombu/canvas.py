@@ -632,8 +632,15 @@ def next_steps(app: Heretic, job: Job, status: str, value: Any, error: str | Non
         for errback in workflow.get("errbacks") or ():
             planned.extend(plan(app, signature(errback, app=app).clone([job.task_id]), lineage)[0])
     steps_after = NextSteps(jobs=planned.jobs, chords=planned.chords)
-    if workflow.get("chord") and job.group_id and status in (states.SUCCEEDED, states.FAILED):
-        steps_after.chord_group = job.group_id
+    chord_group = job.group_id if workflow.get("chord") else None
+    if chord_group is None and status == states.FAILED and workflow.get("chain"):
+        # A chain in a chord's header failed before its last step, the one that counts
+        # for the chord: the chord fails now rather than wait forever.
+        tail_options = (workflow["chain"][0] or {}).get("options") or {}
+        if tail_options.get("chord"):
+            chord_group = tail_options.get("group_id")
+    if chord_group and status in (states.SUCCEEDED, states.FAILED):
+        steps_after.chord_group = chord_group
         steps_after.chord_succeeded = status == states.SUCCEEDED
 
         def complete(body: Any, results: list[Any]) -> tuple[list[NewJob], list[Any]]:

@@ -165,3 +165,17 @@ def test_a_header_job_that_kills_its_worker_fails_the_chord(app, start_worker):
     result = chord([jobs_project.add.s(1, 1), jobs_project.die.s()], ct.tsum.s()).apply_async()
     with pytest.raises(exceptions.ChordError, match="WorkerLostError"):
         result.get(timeout=60)
+
+
+def test_a_chain_in_a_chord_header_failing_early_fails_the_chord(app, start_worker):
+    start_worker()
+    header = [jobs_project.add.s(1, 1), chain(ct.explode.s(1), jobs_project.add.s(1))]
+    result = chord(header, ct.tsum.s()).apply_async()
+    with pytest.raises(exceptions.ChordError, match="exploded"):
+        result.get(timeout=30)
+
+
+def test_a_chain_in_a_chord_header_counts_by_its_last_step(app, start_worker):
+    start_worker()
+    header = [jobs_project.add.s(1, 1), chain(jobs_project.add.s(2, 2), ct.mul.s(10))]
+    assert chord(header, ct.collect.s(label="nested")).apply_async().get(timeout=30) == [2, 40]
