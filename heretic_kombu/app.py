@@ -17,7 +17,7 @@ import importlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import canvas, protocol, result, serialization, signals, states
 from . import retry as retry_policy
@@ -38,6 +38,9 @@ from .store import Job as JobRow
 from .store import JobStore, NewJob, utcnow
 from .task import Task, current_request, make_task
 from .transaction import current_outbox
+
+if TYPE_CHECKING:
+    from .jobs import Jobs
 
 logger = logging.getLogger("heretic_kombu")
 
@@ -151,6 +154,13 @@ class Heretic:
             elif name.islower():
                 values[name] = getattr(obj, name)
         self.conf.update(values)
+
+    @property
+    def jobs(self) -> Jobs:
+        """The job history: ``app.jobs.search(...)``, ``.get()``, ``.retry()``…"""
+        from .jobs import Jobs
+
+        return Jobs(self)
 
     @property
     def store(self) -> JobStore:

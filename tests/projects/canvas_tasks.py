@@ -54,3 +54,11 @@ class OutOfStock(Exception):
 @shared_task(throws=(OutOfStock,), max_retries=0)
 def reserve(item):
     raise OutOfStock(f"no {item} left")
+
+
+@shared_task(max_retries=0)
+def needs_file(path):
+    """Fails until ``path`` exists: an operator fixes the cause, then retries the job."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} is missing")
+    return "found"

@@ -1,0 +1,322 @@
+"""The job history: searching, counting, and the operator's commands (retry, purge, prune).
+
+Kept apart from :mod:`.jobstore` (the lifecycle statements a worker and a producer run)
+because these serve people: the CLI, the dashboard and ``app.jobs``. Every value from a
+user is a bound parameter; JSON paths come from :class:`~heretic_kombu.search.Where`,
+which has already checked them. PostgreSQL and SQLite differences live here, as in
+the job store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from .. import serialization, states
+from ..search import JobQuery, Page, Where, decode_cursor, encode_cursor
+from .jobstore import Job, JobStore, _stamp, _to_job, utcnow
+from .tables import jobs
+
+#: Statuses an operator may send again (``heretic jobs retry``).
+RETRYABLE = (states.FAILED, states.REVOKED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """What ``heretic jobs stats`` shows."""
+
+    counts: dict[tuple[str, str], int]  # (task, status) -> jobs
+    per_minute: list[tuple[dt.datetime, int, int]]  # minute, finished, failed
+    runtimes: dict[str, tuple[float, float, int]]  # task -> (p50 s, p95 s, samples)
+
+
+class History:
+    """Search and operator commands over one :class:`JobStore`'s table."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    # -- search ------------------------------------------------------------------
+
+    def search(self, query: JobQuery) -> Page:
+        """One page of rows matching ``query``, with the cursor of the next page."""
+        self.store.ensure_schema()
+        column, descending = _order(query.order_by)
+        statement = sa.select(jobs).where(*self._conditions(query))
+        if query.after is not None:
+            value, row_id = decode_cursor(query.after)
+            if column is not jobs.c.id:
+                value = _parse_time(value)
+            key = sa.tuple_(column, jobs.c.id) if column is not jobs.c.id else jobs.c.id
+            bound = (
+                sa.tuple_(sa.literal(value), sa.literal(row_id))
+                if column is not jobs.c.id
+                else row_id
+            )
+            statement = statement.where(key < bound if descending else key > bound)
+        orders = [column.desc() if descending else column.asc()]
+        if column is not jobs.c.id:
+            orders.append(jobs.c.id.desc() if descending else jobs.c.id.asc())
+        statement = statement.order_by(*orders).limit(query.limit + 1)
+        with self.store._read() as conn:
+            rows = [_to_job(row) for row in conn.execute(statement)]
+        cursor = None
+        if len(rows) > query.limit:
+            rows = rows[: query.limit]
+            last = rows[-1]
+            cursor = encode_cursor(
+                last.id if column is jobs.c.id else getattr(last, column.name), last.id
+            )
+        return Page(rows, cursor)
+
+    def count(self, query: JobQuery) -> int:
+        """How many rows match ``query`` (ignoring its limit and cursor)."""
+        self.store.ensure_schema()
+        statement = sa.select(sa.func.count()).select_from(jobs).where(*self._conditions(query))
+        with self.store._read() as conn:
+            return int(conn.execute(statement).scalar_one())
+
+    def _conditions(self, query: JobQuery) -> list[Any]:
+        postgres = self.store.is_postgresql
+        found: list[Any] = []
+        if query.statuses:
+            found.append(jobs.c.status.in_(list(query.statuses)))
+        if query.task:
+            found.append(jobs.c.task_name == query.task)
+        if query.queue:
+            found.append(jobs.c.queue_name == query.queue)
+        if query.root_id:
+            found.append(jobs.c.root_id == query.root_id)
+        if query.group_id:
+            found.append(jobs.c.group_id == query.group_id)
+        if query.since is not None:
+            found.append(jobs.c.created_at >= query.since)
+        if query.until is not None:
+            found.append(jobs.c.created_at < query.until)
+        if query.error_contains:
+            pattern = "%" + _escape_like(query.error_contains) + "%"
+            found.append(jobs.c.error.ilike(pattern, escape="\\"))
+        if query.payload is not None:
+            found.append(_contains(query.payload, postgres))
+        for condition in query.where:
+            found.append(_where(condition, postgres))
+        return found
+
+    def get(self, key: str | int) -> Job | None:
+        """A row by task id (UUID) or by row id; ``None`` if there is none."""
+        if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+            return self.store.get_by_id(int(key))
+        try:
+            return self.store.get(key)
+        except Exception:  # not a UUID: no such job
+            return None
+
+    # -- operator commands ---------------------------------------------------
+
+    def retry(self, task_ids: Sequence[str], who: str = "operator") -> list[Job]:
+        """Send failed or revoked jobs again, keeping their id and history.
+
+        Each row goes back to ``pending`` with one more allowed attempt and an
+        ``attempt_logs`` line saying who retried it (invariant 8: a terminal state only
+        changes by an explicit, logged command). Returns the rows changed, for the caller
+        to publish.
+        """
+        if not task_ids:
+            return []
+        now = utcnow()
+        with self.store._write() as conn:
+            rows = conn.execute(
+                jobs.update()
+                .where(jobs.c.task_id.in_(list(task_ids)), jobs.c.status.in_(RETRYABLE))
+                .values(
+                    status=states.PENDING,
+                    max_attempts=jobs.c.attempts + 1,
+                    eta=None,
+                    expires_at=None,
+                    finished_at=None,
+                    updated_at=now,
+                    attempt_logs=self.store._append(f"{_stamp(now)} retried by {who}"),
+                )
+                .returning(*jobs.c)
+            ).all()
+        return [_to_job(row) for row in rows]
+
+    def delete(self, query: JobQuery, batch_size: int = 1000) -> int:
+        """Delete finished rows matching ``query``, ``batch_size`` rows per transaction so
+        no lock is held for long. Unfinished jobs are never deleted."""
+        finished = dataclasses.replace(
+            query,
+            statuses=tuple(s for s in (query.statuses or states.TERMINAL) if s in states.TERMINAL),
+            after=None,
+        )
+        if not finished.statuses:
+            return 0
+        total = 0
+        while True:
+            with self.store._write() as conn:
+                ids = (
+                    sa.select(jobs.c.id)
+                    .where(*self._conditions(finished))
+                    .order_by(jobs.c.id)
+                    .limit(batch_size)
+                )
+                deleted = conn.execute(jobs.delete().where(jobs.c.id.in_(ids))).rowcount
+            total += deleted
+            if deleted < batch_size:
+                return total
+
+    # -- statistics ------------------------------------------------------------
+
+    def stats(self, since: dt.datetime, sample: int = 20_000) -> Stats:
+        """Counts per task and status (all time), finished and failed jobs per minute
+        since ``since``, and run-time percentiles per task over the newest ``sample``
+        finished jobs since ``since``."""
+        self.store.ensure_schema()
+        with self.store._read() as conn:
+            counts = {
+                (task, status): n
+                for task, status, n in conn.execute(
+                    sa.select(jobs.c.task_name, jobs.c.status, sa.func.count())
+                    .group_by(jobs.c.task_name, jobs.c.status)
+                    .order_by(jobs.c.task_name, jobs.c.status)
+                )
+            }
+            recent = conn.execute(
+                sa.select(jobs.c.task_name, jobs.c.status, jobs.c.started_at, jobs.c.finished_at)
+                .where(jobs.c.finished_at >= since)
+                .order_by(jobs.c.finished_at.desc())
+                .limit(sample)
+            ).all()
+        per_minute: dict[dt.datetime, list[int]] = {}
+        durations: dict[str, list[float]] = {}
+        for task, status, started, finished in recent:
+            finished = _aware(finished)
+            minute = finished.replace(second=0, microsecond=0)
+            bucket = per_minute.setdefault(minute, [0, 0])
+            bucket[0] += 1
+            bucket[1] += status == states.FAILED
+            if started is not None and status in (states.SUCCEEDED, states.FAILED):
+                durations.setdefault(task, []).append((finished - _aware(started)).total_seconds())
+        runtimes = {task: _percentiles(values) for task, values in sorted(durations.items())}
+        return Stats(
+            counts=counts,
+            per_minute=[(m, n, f) for m, (n, f) in sorted(per_minute.items())],
+            runtimes=runtimes,
+        )
+
+    def queue_counts(self) -> dict[str, dict[str, int]]:
+        """Unfinished jobs per queue and status (what is waiting where)."""
+        self.store.ensure_schema()
+        with self.store._read() as conn:
+            rows = conn.execute(
+                sa.select(jobs.c.queue_name, jobs.c.status, sa.func.count())
+                .where(jobs.c.status.notin_(list(states.TERMINAL)))
+                .group_by(jobs.c.queue_name, jobs.c.status)
+            )
+            found: dict[str, dict[str, int]] = {}
+            for queue, status, n in rows:
+                found.setdefault(queue, {})[status] = n
+        return found
+
+
+def _order(order_by: str) -> tuple[Any, bool]:
+    descending = order_by.startswith("-")
+    return jobs.c[order_by.lstrip("-")], descending
+
+
+def _contains(payload: Any, postgres: bool) -> Any:
+    """``payload @> :value`` on PostgreSQL (the GIN index answers it); on SQLite, one
+    ``json_extract`` equality per leaf of ``payload``."""
+    if postgres:
+        return jobs.c.payload.op("@>")(
+            sa.cast(sa.literal(serialization.dumps(payload), sa.Text), postgresql.JSONB)
+        )
+    leaves = list(_leaves(payload, ()))
+    if not leaves:
+        return sa.true()
+    return sa.and_(*(_where(Where(path, "=", value), postgres) for path, value in leaves))
+
+
+def _leaves(value: Any, path: tuple[str, ...]) -> Any:
+    if isinstance(value, dict) and value:
+        for key, inner in value.items():
+            yield from _leaves(inner, (*path, str(key)))
+    else:
+        yield path, value
+
+
+def _where(condition: Where, postgres: bool) -> Any:
+    """One condition on a JSON path, compared with JSON's types (a number with a number,
+    a string with a string)."""
+    value = condition.value
+    if postgres:
+        if (
+            condition.op == "="
+            and condition.path[0] == "kwargs"
+            and not any(part.isdigit() for part in condition.path)
+            and not isinstance(value, (dict, list))
+        ):
+            # A containment test: answered by the GIN index on payload.
+            nested: Any = value
+            for part in reversed(condition.path):
+                nested = {part: nested}
+            return _contains(nested, postgres)
+        target = jobs.c.payload.op("#>")(
+            sa.cast(sa.literal(list(condition.path)), postgresql.ARRAY(sa.Text))
+        )
+        bound = sa.cast(sa.literal(serialization.dumps(value), sa.Text), postgresql.JSONB)
+        return _compare(target, condition.op, bound)
+    path = "$" + "".join(f"[{p}]" if p.isdigit() else f'."{p}"' for p in condition.path)
+    extracted = sa.func.json_extract(jobs.c.payload, path)
+    if isinstance(value, bool):
+        return _compare(extracted, condition.op, sa.literal(int(value)))
+    if value is None:
+        kind = sa.func.json_type(jobs.c.payload, path)
+        return kind == "null" if condition.op == "=" else kind != "null"
+    if isinstance(value, (dict, list)):
+        text = sa.func.json(sa.func.json_extract(jobs.c.payload, path))
+        return _compare(text, condition.op, sa.func.json(serialization.dumps(value)))
+    typed = sa.func.json_type(jobs.c.payload, path)
+    kinds = ("text",) if isinstance(value, str) else ("integer", "real")
+    return sa.and_(typed.in_(kinds), _compare(extracted, condition.op, sa.literal(value)))
+
+
+def _compare(left: Any, op: str, right: Any) -> Any:
+    return {
+        "=": left == right,
+        "!=": left != right,
+        ">": left > right,
+        ">=": left >= right,
+        "<": left < right,
+        "<=": left <= right,
+    }[op]
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _percentiles(values: list[float]) -> tuple[float, float, int]:
+    if len(values) == 1:
+        return values[0], values[0], 1
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return cuts[49], cuts[94], len(values)
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def _parse_time(value: Any) -> dt.datetime:
+    if not isinstance(value, str):
+        raise ValueError("bad cursor for this order")
+    return _aware(dt.datetime.fromisoformat(value))
+
+
+__all__ = ["RETRYABLE", "History", "Stats"]
