@@ -1,4 +1,5 @@
-"""Sessions: `nox -s tests` (the suite), `nox -s lint` (ruff). Arguments after `--` go to pytest."""
+"""Sessions: `nox -s tests` (the suite), `nox -s lint` (ruff, mypy), `nox -s bench` (heretic vs
+Celery). Arguments after `--` go to pytest (or to the benchmark runner)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,11 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
     session.install(".")
     session.run("mypy", "heretic_kombu")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """heretic_kombu vs Celery 5.x on the local RabbitMQ + PostgreSQL; prints the table.
+    Arguments after `--` go to benchmarks/run.py (e.g. `-- --rounds 5 --only drain`)."""
+    session.install(".", *nox.project.dependency_groups(PYPROJECT, "bench"))
+    session.run("python", "-m", "benchmarks.run", *session.posargs)
