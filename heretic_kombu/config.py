@@ -29,14 +29,19 @@ CELERY_KEYS = {
     "worker_pool": "pool",
     "broker_transport_options": "broker_transport_options",
     "task_queue_max_priority": "queue_max_priority",
+    "task_default_queue_type": "queue_type",  # Celery 5.5
     "task_always_eager": "always_eager",
     "task_eager_propagates": "eager_propagates",
+    "task_time_limit": "time_limit",
+    "task_soft_time_limit": "soft_time_limit",
+    "task_default_rate_limit": "default_rate_limit",
 }
 
 #: Celery settings that would let non-JSON content in; heretic refuses them.
 _SERIALIZER_KEYS = ("task_serializer", "result_serializer", "accept_content", "event_serializer")
 
 POOLS = ("prefork", "threads", "solo")
+QUEUE_TYPES = ("classic", "quorum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +79,23 @@ class Settings:
     broker_transport_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     #: x-max-priority for declared queues; unset declares queues without priorities.
     queue_max_priority: int | None = None
+    #: RabbitMQ queue type of declared work queues: "classic" or "quorum" (replicated).
+    queue_type: str = "classic"
+    #: With quorum queues, deliveries of one message before RabbitMQ dead-letters it
+    #: (x-delivery-limit): a second guard against a job that kills its worker forever.
+    delivery_limit: int = 20
     #: Seconds to wait for the broker to confirm one publish.
     confirm_timeout: float = 10.0
     #: Run tasks in the calling process instead of sending them (Celery's task_always_eager).
     always_eager: bool = False
     #: With always_eager, re-raise task exceptions in the caller.
     eager_propagates: bool = False
+    #: Hard time limit in seconds for tasks without their own (prefork pool only).
+    time_limit: float | None = None
+    #: Soft time limit in seconds for tasks without their own (prefork and solo pools).
+    soft_time_limit: float | None = None
+    #: Rate limit ("10/s", "100/m", "1000/h") for tasks without their own; per worker.
+    default_rate_limit: str = ""
 
     @classmethod
     def build(
@@ -123,8 +139,39 @@ class Settings:
                 f"lease_timeout ({env_var('lease_timeout')}) must exceed twice"
                 f" heartbeat_interval ({env_var('heartbeat_interval')})"
             )
+        if self.queue_type not in QUEUE_TYPES:
+            raise ConfigurationError(
+                f"queue_type ({env_var('queue_type')}) must be one of {', '.join(QUEUE_TYPES)},"
+                f" not {self.queue_type!r}"
+            )
+        if self.queue_type == "quorum" and self.queue_max_priority is not None:
+            raise ConfigurationError(
+                f"queue_type=quorum cannot be combined with queue_max_priority"
+                f" ({env_var('queue_max_priority')}={self.queue_max_priority}): RabbitMQ quorum"
+                " queues have no message priorities. Unset queue_max_priority, or use"
+                " queue_type=classic"
+            )
+        if self.delivery_limit < 1:
+            raise ConfigurationError(
+                f"delivery_limit ({env_var('delivery_limit')}) must be at least 1"
+            )
         if not self.default_queue:
             raise ConfigurationError(f"default_queue ({env_var('default_queue')}) is empty")
+        for name in ("time_limit", "soft_time_limit"):
+            limit = getattr(self, name)
+            if limit is not None and not limit > 0:
+                raise ConfigurationError(
+                    f"{name} ({env_var(name)}) must be a number of seconds > 0"
+                )
+        if self.default_rate_limit:
+            from .ratelimit import parse_rate
+
+            try:
+                parse_rate(self.default_rate_limit)
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"default_rate_limit ({env_var('default_rate_limit')}): {exc}"
+                ) from None
 
     @property
     def effective_concurrency(self) -> int:
@@ -181,6 +228,8 @@ def _coerce(cls: type[Settings], name: str, value: Any) -> Any:
             return int(value) if value.lower() not in ("none", "") else None
         if field_type == "float":
             return float(value)
+        if field_type == "float | None":
+            return float(value) if value.lower() not in ("none", "") else None
         if field_type == "bool":
             if value.lower() in ("1", "true", "yes", "on"):
                 return True

@@ -17,7 +17,13 @@ Celery's names are kept so that ``except celery.exceptions.X`` becomes
     ├── MaxRetriesExceededError     Task.retry() past max_retries
     └── WorkerLostError             the process running the job died
 
+    TimeLimitExceeded               the hard time limit killed the job (recorded as its error)
+
     Retry                           control flow: raised by Task.retry()
+    Reject                          control flow: reject (dead-letter) or requeue the message
+    Ignore                          control flow: end the job without recording an outcome
+    SoftTimeLimitExceeded           raised inside a task body when its soft time limit passes
+    Terminated                      the job's process was terminated by revoke(terminate=True)
 
 The default message of each class is its docstring's first line.
 """
@@ -117,3 +123,61 @@ class Retry(HereticKombuError):
 
 class ChordError(HereticKombuError):
     """A chord's header job failed, so its body was not run (Celery's ``ChordError``)."""
+
+
+class TimeLimitExceeded(HereticKombuError):
+    """The hard time limit was exceeded and the job's process was killed.
+
+    Celery's name (from billiard). The worker records the attempt as failed with this
+    error and does not retry it, as Celery does. ``TimeLimitExceeded(30)`` reads
+    "hard time limit (30s) exceeded".
+    """
+
+    def __init__(self, message: str | float | None = None, *args: Any) -> None:
+        if isinstance(message, (int, float)):
+            message = f"hard time limit ({float(message):g}s) exceeded"
+        super().__init__(message, *args)
+
+
+class SoftTimeLimitExceeded(HereticKombuError):
+    """The soft time limit was exceeded.
+
+    Raised inside the task body (Celery's name, from billiard) to give the task a chance
+    to clean up; a task that catches it may still return normally.
+    """
+
+
+class Terminated(HereticKombuError):
+    """The job's process was terminated by ``revoke(terminate=True)``."""
+
+
+class Reject(HereticKombuError):
+    """Raised by a task to reject its message (Celery's ``Reject``).
+
+    ``requeue=False``: the message is dead-lettered and the job is failed with
+    ``reason``. ``requeue=True``: the attempt is logged and the job runs again, while it
+    has attempts left (``max_attempts``); after that it fails and is dead-lettered.
+    """
+
+    def __init__(self, reason: Any = None, requeue: bool = False) -> None:
+        self.reason = reason
+        self.requeue = requeue
+        super().__init__(str(reason) if reason is not None else "rejected", requeue)
+
+    def __str__(self) -> str:
+        return str(self.reason) if self.reason is not None else "rejected"
+
+    def __repr__(self) -> str:
+        return f"reject requeue={self.requeue}: {self.reason}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.reason, self.requeue)
+
+
+class Ignore(HereticKombuError):
+    """Raised by a task to end the job without an outcome (Celery's ``Ignore``).
+
+    Celery stores nothing for such a task; heretic ends the row in the terminal status
+    ``ignored`` (Celery's state name ``IGNORED``) with an ``attempt_logs`` line, and acks
+    the message.
+    """

@@ -9,15 +9,26 @@ applied here, exactly as Celery wraps a task's ``run``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import signal as _signal
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import failure, serialization, signals, states
 from . import retry as retry_policy
-from .exceptions import EncodeError, NotRegistered, Retry
+from .exceptions import (
+    EncodeError,
+    Ignore,
+    NotRegistered,
+    Reject,
+    Retry,
+    SoftTimeLimitExceeded,
+)
 from .protocol import new_task_id
 from .task import Context, Task
 
@@ -31,6 +42,8 @@ SUCCEEDED = "succeeded"
 RETRY = "retry"
 FAILED = "failed"
 LOST = "lost"  # reported by a pool whose child died during the attempt
+REJECTED = "rejected"  # the task raised Reject: dead-letter, or requeue
+IGNORED = "ignored"  # the task raised Ignore: end the job without an outcome
 
 
 def execute(app: Heretic, call: dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +71,7 @@ def execute(app: Heretic, call: dict[str, Any]) -> dict[str, Any]:
             delivery_info={"routing_key": call.get("queue"), "exchange": call.get("queue")},
             called_directly=False,
             is_eager=False,
+            timelimit=(call.get("time_limit"), call.get("soft_time_limit")),
         )
         outcome = run_task(task, request)
     outcome["runtime"] = time.perf_counter() - started
@@ -73,7 +87,10 @@ def run_task(task: Task, request: Context) -> dict[str, Any]:
         )
         _hook(task.before_start, request.id, request.args, request.kwargs)
         value, outcome = _attempt(task, request)
-        _announce(task, request, value, outcome)
+        if outcome["status"] in (REJECTED, IGNORED):
+            _announce_predicate(task, request, outcome)
+        else:
+            _announce(task, request, value, outcome)
         return outcome
     finally:
         task._pop()
@@ -82,9 +99,10 @@ def run_task(task: Task, request: Context) -> dict[str, Any]:
 def _attempt(task: Task, request: Context) -> tuple[Any, dict[str, Any]]:
     try:
         try:
-            value = task.run(*request.args, **request.kwargs)
-        except Retry:
-            raise
+            with _soft_time_limit(task, request):
+                value = task.run(*request.args, **request.kwargs)
+        except (Retry, Reject, Ignore):
+            raise  # the task's explicit decision: never turned into an autoretry
         except Exception as exc:
             _autoretry(task, exc)
             raise
@@ -92,6 +110,11 @@ def _attempt(task: Task, request: Context) -> tuple[Any, dict[str, Any]]:
         return value, {"status": SUCCEEDED, "result": encoded}
     except Retry as retry_signal:
         return None, _retry(retry_signal)
+    except Reject as reject:
+        return None, _rejected(reject)
+    except Ignore as ignore:
+        # "exception" only for eager runs in this process; dropped before crossing a pipe.
+        return None, {"status": IGNORED, "exception": ignore}
     except EncodeError as exc:
         return None, _failed(EncodeError(f"the task's return value is not JSON: {exc}"), exc)
     except (Exception, SystemExit) as exc:
@@ -126,7 +149,8 @@ def _announce(task: Task, request: Context, value: Any, outcome: dict[str, Any])
             einfo=outcome.get("traceback"),
         )
         state, retval = states.CELERY_FAILURE, exception
-    _hook(task.after_return, state, retval, *ids, einfo)
+    if status != RETRY:  # Celery calls after_return only when the task ended
+        _hook(task.after_return, state, retval, *ids, einfo)
     signals.task_postrun.send(
         sender=task,
         task_id=request.id,
@@ -136,6 +160,102 @@ def _announce(task: Task, request: Context, value: Any, outcome: dict[str, Any])
         retval=retval,
         state=state,
     )
+
+
+def _announce_predicate(task: Task, request: Context, outcome: dict[str, Any]) -> None:
+    """Signals for an attempt that raised Reject or Ignore, as Celery sends them: a
+    Reject without requeue is a failure (``task_failure``); then ``task_postrun`` with
+    Celery's state ``REJECTED`` or ``IGNORED``."""
+    if outcome["status"] == REJECTED:
+        state = states.CELERY_REJECTED
+        if not outcome.get("requeue"):
+            signals.task_failure.send(
+                sender=task,
+                task_id=request.id,
+                exception=outcome.get("exception"),
+                args=request.args,
+                kwargs=request.kwargs,
+                traceback=outcome.get("traceback"),
+                einfo=outcome.get("traceback"),
+            )
+    else:
+        state = states.CELERY_IGNORED
+    signals.task_postrun.send(
+        sender=task,
+        task_id=request.id,
+        task=task,
+        args=request.args,
+        kwargs=request.kwargs,
+        retval=outcome.get("exception"),
+        state=state,
+    )
+
+
+def announce_hard_time_limit(app: Heretic, call: dict[str, Any], exc: BaseException) -> None:
+    """In the worker, after the pool killed a job at its hard time limit: Celery's
+    ``on_failure`` and ``after_return`` hooks and ``task_failure`` (the child that would
+    have sent them is gone)."""
+    task = app.tasks.get(call.get("task") or "")
+    if task is None:
+        return
+    args, kwargs = call.get("args") or [], call.get("kwargs") or {}
+    _hook(task.on_failure, exc, call.get("id"), args, kwargs, None)
+    _hook(task.after_return, states.CELERY_FAILURE, exc, call.get("id"), args, kwargs, None)
+    signals.task_failure.send(
+        sender=task,
+        task_id=call.get("id"),
+        exception=exc,
+        args=args,
+        kwargs=kwargs,
+        traceback=None,
+        einfo=None,
+    )
+
+
+@contextlib.contextmanager
+def _soft_time_limit(task: Task, request: Context) -> Iterator[None]:
+    """Raise :class:`SoftTimeLimitExceeded` inside the body after the soft time limit.
+
+    Uses ``SIGALRM``, which only the main thread of a process can receive: a prefork
+    child and the solo pool run tasks there; the threads pool cannot, and says so once.
+    """
+    soft = (request.timelimit or (None, None))[1]
+    if not soft:
+        yield
+        return
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        _signal, "setitimer"
+    ):
+        _warn_once(
+            "soft time limits need the prefork or solo pool: not enforced for"
+            f" {task.name} in this pool"
+        )
+        yield
+        return
+    armed = [True]
+
+    def expired(signum: int, frame: Any) -> None:
+        if armed[0]:
+            armed[0] = False
+            raise SoftTimeLimitExceeded(f"soft time limit ({soft:g}s) exceeded")
+
+    previous = _signal.signal(_signal.SIGALRM, expired)
+    _signal.setitimer(_signal.ITIMER_REAL, float(soft))
+    try:
+        yield
+    finally:
+        armed[0] = False
+        _signal.setitimer(_signal.ITIMER_REAL, 0)
+        _signal.signal(_signal.SIGALRM, previous if previous is not None else _signal.SIG_DFL)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 def _hook(method: Any, *args: Any) -> None:
@@ -178,6 +298,10 @@ def run_eagerly(
         if outcome["status"] == SUCCEEDED:
             value = serialization.loads(outcome["result"]) if outcome["result"] else None
             return EagerResult(task_id, value, states.CELERY_SUCCESS)
+        if outcome["status"] in (REJECTED, IGNORED):  # Celery's eager states for them
+            rejected = outcome["status"] == REJECTED
+            state = states.CELERY_REJECTED if rejected else states.CELERY_IGNORED
+            return EagerResult(task_id, outcome.get("exception"), state)
         return EagerResult(
             task_id, outcome["exception"], states.CELERY_FAILURE, outcome.get("traceback")
         )
@@ -212,6 +336,19 @@ def _retry(signal: Retry) -> dict[str, Any]:
         "kwargs": getattr(signal, "new_kwargs", None),
         # Only for hooks in this process; dropped before crossing a pipe.
         "cause": cause,
+    }
+
+
+def _rejected(reject: Reject) -> dict[str, Any]:
+    return {
+        "status": REJECTED,
+        "requeue": bool(reject.requeue),
+        "reason": str(reject),
+        "exc": failure.describe(reject),
+        "error": failure.summary(reject),
+        "traceback": _format(reject),
+        # Only for signals in this process; dropped before crossing a pipe.
+        "exception": reject,
     }
 
 

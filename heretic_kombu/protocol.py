@@ -43,6 +43,7 @@ class TaskMessage:
     embed: dict[str, Any] = dataclasses.field(default_factory=dict)
     priority: int | None = None
     group_index: int | None = None
+    timelimit: tuple[float | None, float | None] = (None, None)  # (hard, soft) seconds
 
 
 def encode(message: TaskMessage) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -58,7 +59,7 @@ def encode(message: TaskMessage) -> tuple[str, dict[str, Any], dict[str, Any]]:
         "group": message.group,
         "group_index": message.group_index,
         "retries": message.retries,
-        "timelimit": [None, None],
+        "timelimit": list(message.timelimit),
         "root_id": message.root_id or message.id,
         "parent_id": message.parent_id,
         "argsrepr": _short_repr(message.args),
@@ -116,6 +117,13 @@ def decode(
         not isinstance(group_index, int) or isinstance(group_index, bool)
     ):
         raise MalformedMessage("header 'group_index' must be an integer or null")
+    timelimit = headers.get("timelimit") or [None, None]
+    if not (
+        isinstance(timelimit, list)
+        and len(timelimit) == 2
+        and all(_is_seconds(v) for v in timelimit)
+    ):
+        raise MalformedMessage("header 'timelimit' must be [hard, soft] seconds or nulls")
     job_id = headers.get(JOB_ID_HEADER)
     if job_id is not None and (not isinstance(job_id, int) or isinstance(job_id, bool)):
         raise MalformedMessage(f"header '{JOB_ID_HEADER}' must be an integer")
@@ -134,6 +142,7 @@ def decode(
         embed=embed or {},
         priority=priority,
         group_index=group_index,
+        timelimit=(timelimit[0], timelimit[1]),
     )
 
 
@@ -154,6 +163,12 @@ def new_task_id() -> str:
 
 _EMPTY_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _HOSTNAME = socket.gethostname()
+
+
+def _is_seconds(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e9
+    )
 
 
 def _iso(value: dt.datetime | None) -> str | None:

@@ -14,10 +14,21 @@ STARTED = "started"  # claimed by a worker, running
 RETRYING = "retrying"  # an attempt failed; the next one waits in the database until eta
 SUCCEEDED = "succeeded"
 FAILED = "failed"
-REVOKED = "revoked"  # revoked or expired: never ran (again)
+REVOKED = "revoked"  # revoked, terminated or expired: never ran (again)
+IGNORED = "ignored"  # the task raised Ignore: ended without an outcome
 
-ALL_STATUSES = (PENDING, SCHEDULED, QUEUED, STARTED, RETRYING, SUCCEEDED, FAILED, REVOKED)
-TERMINAL = frozenset({SUCCEEDED, FAILED, REVOKED})
+ALL_STATUSES = (
+    PENDING,
+    SCHEDULED,
+    QUEUED,
+    STARTED,
+    RETRYING,
+    SUCCEEDED,
+    FAILED,
+    REVOKED,
+    IGNORED,
+)
+TERMINAL = frozenset({SUCCEEDED, FAILED, REVOKED, IGNORED})
 #: Statuses a delivered message may claim at once.
 READY = (PENDING, QUEUED)
 #: Statuses a delivered message may claim once their eta has passed.
@@ -30,6 +41,8 @@ CELERY_RETRY = "RETRY"
 CELERY_SUCCESS = "SUCCESS"
 CELERY_FAILURE = "FAILURE"
 CELERY_REVOKED = "REVOKED"
+CELERY_IGNORED = "IGNORED"
+CELERY_REJECTED = "REJECTED"
 
 _TO_CELERY = {
     PENDING: CELERY_PENDING,
@@ -40,6 +53,7 @@ _TO_CELERY = {
     SUCCEEDED: CELERY_SUCCESS,
     FAILED: CELERY_FAILURE,
     REVOKED: CELERY_REVOKED,
+    IGNORED: CELERY_IGNORED,
 }
 
 READY_STATES = frozenset({CELERY_SUCCESS, CELERY_FAILURE, CELERY_REVOKED})

@@ -43,6 +43,8 @@ class Context:
     #: heretic: the row's id and attempt limit.
     job_id: int | None = None
     max_attempts: int | None = None
+    #: Celery's (hard, soft) time limits of this call, in seconds.
+    timelimit: tuple[float | None, float | None] | None = None
 
     def __init__(self, **fields: Any) -> None:
         for key, value in fields.items():
@@ -89,6 +91,14 @@ class Task:
     throws: tuple[type[BaseException], ...] = ()
     #: Always true in heretic: messages are acked only after the outcome is committed.
     acks_late: bool = True
+    #: Celery's rate limit ("10/s", "100/m", "1000/h"), per worker; None: no limit.
+    rate_limit: str | float | None = None
+    #: Hard time limit in seconds: the prefork pool kills the job's process after it and
+    #: the attempt fails with TimeLimitExceeded. None: the task_time_limit setting.
+    time_limit: float | None = None
+    #: Soft time limit in seconds: SoftTimeLimitExceeded is raised inside the body.
+    #: None: the task_soft_time_limit setting.
+    soft_time_limit: float | None = None
     serializer: str = "json"
 
     def __init__(self) -> None:
@@ -375,6 +385,7 @@ def make_task(
             f"task {fun.__name__!r}: serializer={serializer!r} refused; heretic_kombu is JSON only"
         )
     task_name = name or f"{fun.__module__}.{fun.__qualname__}"
+    check_runtime_options(task_name, options)
     attributes: dict[str, Any] = {
         "name": task_name,
         "run": fun if bind else staticmethod(fun),
@@ -387,6 +398,30 @@ def make_task(
         attributes["app"] = app
     cls = type(fun.__name__, (base,), attributes)
     return cls()  # type: ignore[no-any-return]
+
+
+def check_runtime_options(task_name: str, options: dict[str, Any]) -> None:
+    """Raise ``ValueError`` for a ``rate_limit``, ``time_limit`` or ``soft_time_limit``
+    no worker could apply, when the task is declared rather than when it runs."""
+    from .ratelimit import parse_rate
+
+    if options.get("rate_limit") is not None:
+        try:
+            parse_rate(options["rate_limit"])
+        except ValueError as exc:
+            raise ValueError(f"task {task_name!r}: {exc}") from None
+    for key in ("time_limit", "soft_time_limit"):
+        value = options.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"task {task_name!r}: {key}={value!r} must be a number of seconds > 0")
+    hard, soft = options.get("time_limit"), options.get("soft_time_limit")
+    if hard is not None and soft is not None and soft > hard:
+        raise ValueError(
+            f"task {task_name!r}: soft_time_limit ({soft}) must be less than or equal to"
+            f" time_limit ({hard})"
+        )
 
 
 def shared_task(*args: Any, **options: Any) -> Any:

@@ -22,11 +22,13 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .. import serialization, signals
-from ..execution import FAILED, LOST, execute
+from .. import failure, serialization, signals
+from ..exceptions import TimeLimitExceeded
+from ..execution import FAILED, LOST, announce_hard_time_limit, execute
 
 if TYPE_CHECKING:
     from ..app import Heretic
@@ -59,6 +61,16 @@ class Pool:
 
     def stop(self, wait: bool = True) -> None:
         """Shut the slots down; with ``wait=False``, kill what is running."""
+
+    #: Whether :meth:`terminate_job` can stop a running job (prefork only, as in Celery).
+    can_terminate = False
+    #: Whether hard time limits (``time_limit``) are enforced (prefork only).
+    enforces_time_limits = False
+
+    def terminate_job(self, task_id: str, signum: int) -> bool:
+        """Send ``signum`` to the process running ``task_id``; ``False`` if this pool
+        cannot (threads, solo) or does not run that job now."""
+        return False
 
 
 class SoloPool(Pool):
@@ -110,10 +122,28 @@ class _Child:
         self.conn = conn
         self.on_done: Callback | None = None
         self.dead = False
+        self.call: dict[str, Any] | None = None  # the job it runs now
+        self.started = 0.0
+        self.deadline: float | None = None  # hard time limit, monotonic
+        self.timed_out: float | None = None  # the hard limit that killed it
+        self.kill_at: float | None = None  # SIGKILL if still alive then (after terminate)
+        self.terminated: int | None = None  # the signal revoke(terminate=True) sent
+
+
+#: Seconds a child may outlive the signal of revoke(terminate=True) before SIGKILL
+#: (children ignore SIGTERM and SIGINT, which a warm shutdown must not pass on to jobs).
+TERMINATE_GRACE = 1.0
 
 
 class PreforkPool(Pool):
-    """Runs calls in forked child processes, one call per child at a time."""
+    """Runs calls in forked child processes, one call per child at a time.
+
+    It enforces hard time limits (the child is killed and the attempt fails with
+    :class:`TimeLimitExceeded`) and terminates jobs revoked with ``terminate=True``.
+    """
+
+    can_terminate = True
+    enforces_time_limits = True
 
     def start(self) -> None:
         self._context = multiprocessing.get_context("fork")
@@ -148,7 +178,52 @@ class PreforkPool(Pool):
         with self._lock:
             child = next(c for c in self._children if c.on_done is None and not c.dead)
             child.on_done = on_done
+            child.call, child.started = call, time.monotonic()
+            child.timed_out = child.kill_at = child.terminated = None
+            limit = call.get("time_limit")
+            child.deadline = child.started + float(limit) if limit else None
         child.conn.send_bytes(serialization.dumps(call).encode("utf-8"))
+
+    def terminate_job(self, task_id: str, signum: int) -> bool:
+        with self._lock:
+            child = next(
+                (
+                    c
+                    for c in self._children
+                    if not c.dead and c.call is not None and c.call.get("id") == task_id
+                ),
+                None,
+            )
+            if child is None:
+                return False
+            child.terminated = signum
+            child.kill_at = time.monotonic() + TERMINATE_GRACE
+        try:
+            os.kill(child.process.pid, signum)  # type: ignore[arg-type]
+        except ProcessLookupError:
+            pass
+        return True
+
+    def _enforce_limits(self) -> None:
+        """Kill children past their hard time limit, or still alive after terminate."""
+        now = time.monotonic()
+        with self._lock:
+            running = [c for c in self._children if not c.dead and c.call is not None]
+        for child in running:
+            if child.deadline is not None and now >= child.deadline and child.timed_out is None:
+                call = child.call or {}
+                child.timed_out = float(call.get("time_limit") or 0)
+                logger.error(
+                    "Hard time limit (%ss) exceeded for %s[%s]: killing process %s",
+                    f"{child.timed_out:g}",
+                    call.get("task"),
+                    call.get("id"),
+                    child.process.pid,
+                )
+                child.process.kill()
+            elif child.kill_at is not None and now >= child.kill_at and child.process.is_alive():
+                child.kill_at = None
+                child.process.kill()
 
     def _read_loop(self) -> None:
         while not self._closing:
@@ -156,6 +231,7 @@ class PreforkPool(Pool):
                 by_conn = {c.conn: c for c in self._children if not c.dead}
                 by_sentinel = {c.process.sentinel: c for c in self._children if not c.dead}
             ready = multiprocessing.connection.wait([*by_conn, *by_sentinel], timeout=0.2)
+            self._enforce_limits()
             for item in ready:
                 child = by_conn.get(item) or by_sentinel.get(item)  # type: ignore[call-overload,arg-type]
                 if child is None or child.dead:
@@ -173,6 +249,7 @@ class PreforkPool(Pool):
     def _deliver(self, child: _Child, outcome: dict[str, Any]) -> None:
         with self._lock:
             on_done, child.on_done = child.on_done, None
+            child.call = child.deadline = None
         if on_done is not None:
             on_done(outcome)
 
@@ -182,6 +259,30 @@ class PreforkPool(Pool):
             child.dead = True
             on_done, child.on_done = child.on_done, None
         if self._closing:
+            return
+        if on_done is not None and child.timed_out is not None:
+            exc = TimeLimitExceeded(child.timed_out)
+            announce_hard_time_limit(self.app, child.call or {}, exc)
+            on_done(
+                {
+                    "status": FAILED,
+                    "exc": failure.describe(exc),
+                    "error": failure.summary(exc),
+                    "traceback": None,
+                    "runtime": time.monotonic() - child.started,
+                }
+            )
+            return
+        if on_done is not None and child.terminated is not None:
+            name = signal.Signals(child.terminated).name
+            logger.info("pool child %s terminated (%s) by revoke", child.process.pid, name)
+            on_done(
+                {
+                    "status": LOST,
+                    "error": f"terminated by {name} (revoke with terminate=True)",
+                    "terminated": child.terminated,
+                }
+            )
             return
         logger.error("pool child %s exited with code %s", child.process.pid, child.process.exitcode)
         if on_done is not None:

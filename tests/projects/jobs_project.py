@@ -143,3 +143,68 @@ def progress(self, marker, release):
     while not Path(release).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     return "done"
+
+
+# -- runtime controls (tests/integration/test_control.py) --------------------------------
+from heretic_kombu.exceptions import Ignore, Reject, SoftTimeLimitExceeded  # noqa: E402
+
+
+@shared_task(max_retries=0)
+def sleep_then_touch(seconds, started, done):
+    """Touches `started`, sleeps, then touches `done`: the side effect a kill prevents."""
+    Path(started).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    Path(done).write_text("done")
+    return "slept"
+
+
+@shared_task(soft_time_limit=0.5, max_retries=0)
+def soft_limited(seconds):
+    """Catches its soft time limit and says so."""
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded as exc:
+        return f"soft limit caught: {exc}"
+    return "finished in time"
+
+
+@shared_task(time_limit=1, max_retries=3)
+def hard_limited(seconds, done):
+    time.sleep(seconds)
+    Path(done).write_text("done")
+    return "finished in time"
+
+
+@shared_task(max_retries=2)
+def rejecting(reason, requeue=False):
+    raise Reject(reason, requeue=requeue)
+
+
+@shared_task(bind=True, max_retries=3)
+def reject_first_attempt(self):
+    """Rejects with requeue on its first attempt; accepts on the next."""
+    if self.request.retries == 0:
+        raise Reject("not yet", requeue=True)
+    return f"accepted on attempt {self.request.retries + 1}"
+
+
+@shared_task
+def ignoring():
+    raise Ignore()
+
+
+@shared_task(rate_limit="2/s")
+def limited(i):
+    return i
+
+
+@signals.task_revoked.connect
+def _revoked(sender=None, request=None, terminated=None, signum=None, expired=None, **kwargs):
+    _record_event(
+        "task_revoked",
+        task=sender.name,
+        task_id=request.id,
+        terminated=terminated,
+        signum=signum,
+        expired=expired,
+    )
