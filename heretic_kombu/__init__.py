@@ -12,6 +12,7 @@ from .app import Celery, Heretic, Job, current_app
 from .canvas import Signature, chain, chord, group, signature, subtask
 from .exceptions import HereticKombuError, MaxRetriesExceededError, Retry
 from .result import AsyncResult, EagerResult, GroupResult
+from .schedules import crontab, schedule
 from .task import Task, shared_task
 
 __all__ = [
@@ -29,9 +30,11 @@ __all__ = [
     "__version__",
     "chain",
     "chord",
+    "crontab",
     "current_app",
     "exceptions",
     "group",
+    "schedule",
     "shared_task",
     "signature",
     "states",

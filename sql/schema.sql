@@ -1,5 +1,16 @@
 -- heretic_kombu schema, rendered from heretic_kombu/store/tables.py (`heretic db sql`).
 -- Schema version 2. Do not edit by hand: change tables.py and re-render.
+CREATE TABLE heretic_beat_entries (
+	name TEXT NOT NULL, 
+	task_name TEXT NOT NULL, 
+	schedule TEXT NOT NULL, 
+	last_run_at TIMESTAMP WITH TIME ZONE, 
+	total_run_count INTEGER DEFAULT 0 NOT NULL, 
+	created_at TIMESTAMP WITH TIME ZONE DEFAULT CURRENT_TIMESTAMP NOT NULL, 
+	updated_at TIMESTAMP WITH TIME ZONE DEFAULT CURRENT_TIMESTAMP NOT NULL, 
+	PRIMARY KEY (name)
+);
+
 CREATE TABLE heretic_chords (
 	group_id UUID NOT NULL, 
 	remaining INTEGER NOT NULL, 
@@ -39,19 +50,25 @@ CREATE TABLE heretic_jobs (
 	UNIQUE (task_id)
 );
 
-CREATE INDEX heretic_jobs_created_at_idx ON heretic_jobs (created_at);
+CREATE INDEX heretic_jobs_created_idx ON heretic_jobs (created_at, id);
 
 CREATE INDEX heretic_jobs_due_idx ON heretic_jobs (eta) WHERE status IN ('scheduled', 'retrying');
 
+CREATE INDEX heretic_jobs_errors_idx ON heretic_jobs (created_at, id) WHERE error IS NOT NULL;
+
+CREATE INDEX heretic_jobs_group_id_idx ON heretic_jobs (group_id);
+
+CREATE INDEX heretic_jobs_parent_id_idx ON heretic_jobs (parent_id);
+
 CREATE INDEX heretic_jobs_payload_idx ON heretic_jobs USING gin (payload jsonb_path_ops);
 
-CREATE INDEX heretic_jobs_queue_name_idx ON heretic_jobs (queue_name);
+CREATE INDEX heretic_jobs_queue_created_idx ON heretic_jobs (queue_name, created_at, id);
 
 CREATE INDEX heretic_jobs_root_id_idx ON heretic_jobs (root_id);
 
-CREATE INDEX heretic_jobs_status_idx ON heretic_jobs (status);
+CREATE INDEX heretic_jobs_status_created_idx ON heretic_jobs (status, created_at, id);
 
-CREATE INDEX heretic_jobs_task_name_idx ON heretic_jobs (task_name);
+CREATE INDEX heretic_jobs_task_created_idx ON heretic_jobs (task_name, created_at, id);
 
 CREATE OR REPLACE FUNCTION heretic_updated_at_timestamp() RETURNS TRIGGER AS $$
 BEGIN

@@ -6,6 +6,7 @@ import logging
 
 import click
 
+from ..beat import Beat, run_beside_worker
 from ..config import POOLS
 from ..worker import Worker
 from .main import State, app_option, cli
@@ -62,6 +63,15 @@ LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
     show_envvar=True,
     help="Worker name, with %h/%n/%d placeholders [default: heretic@<host>].",
 )
+@click.option(
+    "-B",
+    "--beat",
+    "embed_beat",
+    is_flag=True,
+    envvar="HERETIC_WORKER_BEAT",
+    show_envvar=True,
+    help="Also send the periodic tasks of beat_schedule, from a thread (as heretic beat).",
+)
 @click.pass_obj
 def worker(
     state: State,
@@ -71,6 +81,7 @@ def worker(
     loglevel: str,
     prefetch_multiplier: int | None,
     name: str | None,
+    embed_beat: bool,
 ) -> None:
     """Consume queues and run their jobs until SIGTERM/SIGINT.
 
@@ -81,12 +92,14 @@ def worker(
     app = state.app()
     app.import_modules()
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
-    code = Worker(
+    the_worker = Worker(
         app,
         queues=queue_list,
         concurrency=concurrency,
         pool=pool,
         prefetch_multiplier=prefetch_multiplier,
         name=name,
-    ).run()
-    raise SystemExit(code)
+    )
+    if embed_beat:
+        run_beside_worker(Beat(app), the_worker)
+    raise SystemExit(the_worker.run())

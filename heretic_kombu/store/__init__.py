@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .beatstore import BeatStore, EntrySpec, EntryState, Firing
 from .jobstore import (
     AttemptResult,
     Job,
@@ -17,6 +18,10 @@ from .tables import SCHEMA_VERSION, jobs
 __all__ = [
     "SCHEMA_VERSION",
     "AttemptResult",
+    "BeatStore",
+    "EntrySpec",
+    "EntryState",
+    "Firing",
     "Job",
     "JobStore",
     "NewJob",

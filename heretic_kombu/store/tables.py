@@ -90,11 +90,23 @@ jobs = Table(
     Column("workflow", _json),
 )
 
-Index("heretic_jobs_status_idx", jobs.c.status)
-Index("heretic_jobs_queue_name_idx", jobs.c.queue_name)
-Index("heretic_jobs_task_name_idx", jobs.c.task_name)
-Index("heretic_jobs_created_at_idx", jobs.c.created_at)
+# Search pages are newest first by (created_at, id): each filter's index ends with those
+# columns, so the first page of any one filter is a short index range scan.
+Index("heretic_jobs_created_idx", jobs.c.created_at, jobs.c.id)
+Index("heretic_jobs_status_created_idx", jobs.c.status, jobs.c.created_at, jobs.c.id)
+Index("heretic_jobs_queue_created_idx", jobs.c.queue_name, jobs.c.created_at, jobs.c.id)
+Index("heretic_jobs_task_created_idx", jobs.c.task_name, jobs.c.created_at, jobs.c.id)
+# Only rows with an error (a small part of the table) for --error-contains.
+Index(
+    "heretic_jobs_errors_idx",
+    jobs.c.created_at,
+    jobs.c.id,
+    postgresql_where=text("error IS NOT NULL"),
+    sqlite_where=text("error IS NOT NULL"),
+)
 Index("heretic_jobs_root_id_idx", jobs.c.root_id)
+Index("heretic_jobs_parent_id_idx", jobs.c.parent_id)
+Index("heretic_jobs_group_id_idx", jobs.c.group_id)
 Index(
     "heretic_jobs_payload_idx",
     jobs.c.payload,
@@ -121,6 +133,29 @@ chords = Table(
     Column("total", Integer, nullable=False),
     Column("body", _json, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+# Beat's state, one row per beat_schedule entry name: when it last fired and how often.
+# Every firing itself is a heretic_jobs row. Entries removed from the config keep their
+# row (they are no longer fired); created_at anchors an entry that has never fired.
+beat_entries = Table(
+    "heretic_beat_entries",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("task_name", Text, nullable=False),
+    Column("schedule", Text, nullable=False),  # its description, to notice a change
+    Column("last_run_at", DateTime(timezone=True)),
+    Column("total_run_count", Integer, nullable=False, server_default=text("0")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+#: Indexes of earlier schemas that an upgrade drops (replaced by the ones above).
+RETIRED_INDEXES = (
+    "heretic_jobs_status_idx",
+    "heretic_jobs_queue_name_idx",
+    "heretic_jobs_task_name_idx",
+    "heretic_jobs_created_at_idx",
 )
 
 schema_version = Table(

@@ -14,6 +14,8 @@ def test_schema_1_database_is_upgraded_and_keeps_its_rows(isolated_env):
     with store.engine.begin() as conn:  # turn it back into what schema 1 was
         conn.exec_driver_sql("ALTER TABLE heretic_jobs DROP COLUMN workflow")
         conn.exec_driver_sql("DROP TABLE heretic_chords")
+        conn.exec_driver_sql("DROP INDEX heretic_jobs_status_created_idx")
+        conn.exec_driver_sql("CREATE INDEX heretic_jobs_status_idx ON heretic_jobs (status)")
         conn.exec_driver_sql("DELETE FROM heretic_schema_version")
         conn.exec_driver_sql(
             "INSERT INTO heretic_schema_version (version, applied_at) VALUES (1, '2026-01-01')"
@@ -31,6 +33,9 @@ def test_schema_1_database_is_upgraded_and_keeps_its_rows(isolated_env):
     inspector = sa.inspect(upgraded.engine)
     assert "workflow" in {c["name"] for c in inspector.get_columns("heretic_jobs")}
     assert inspector.has_table("heretic_chords")
+    indexes = {i["name"] for i in inspector.get_indexes("heretic_jobs")}
+    assert "heretic_jobs_status_created_idx" in indexes
+    assert "heretic_jobs_status_idx" not in indexes
     old = upgraded.get("00000000-0000-0000-0000-000000000001")
     assert old is not None and old.args == [1] and old.workflow is None
     with upgraded.engine.connect() as conn:
