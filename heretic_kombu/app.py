@@ -179,8 +179,18 @@ class Heretic:
                 transport_options=dict(s.broker_transport_options),
                 confirm_timeout=s.confirm_timeout,
                 queue_max_priority=s.queue_max_priority,
+                queue_type=s.queue_type,
+                delivery_limit=s.delivery_limit,
             )
         return self._broker
+
+    @property
+    def control(self) -> Any:
+        """Celery's ``app.control``: ``revoke(task_id, terminate=, signal=)``, answered by
+        the job table (see :mod:`heretic_kombu.control`)."""
+        from .control import Control
+
+        return Control(self)
 
     def close(self) -> None:
         """Release database and broker connections held by this process."""
@@ -410,6 +420,14 @@ class Heretic:
             EncodeError: the arguments are not JSON.
         """
         _check_options(options)
+        limits = (options.pop("time_limit", None), options.pop("soft_time_limit", None))
+        if limits != (None, None):  # per-call limits travel with the row (and message)
+            for value in limits:
+                if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+                    raise ValueError("time_limit/soft_time_limit must be positive seconds")
+            extra = serialization.loads(workflow) if workflow else {}
+            extra["timelimit"] = list(limits)
+            workflow = serialization.dumps(extra)
         task = self.tasks.get(name)
         if task is not None:
             if max_attempts is None:
@@ -535,6 +553,7 @@ class Heretic:
             priority=job.priority,
             embed={key: workflow.get(key) for key in _EMBED_KEYS},
             group_index=workflow.get("group_index"),
+            timelimit=tuple(workflow.get("timelimit") or (None, None)),  # type: ignore[arg-type]
         )
         body, headers, properties = protocol.encode(message)
         route = {"exchange": job.queue_name, "routing_key": job.queue_name}

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,7 +26,7 @@ from kombu.transport.virtual import Transport as VirtualTransport
 
 from .. import protocol
 from ..config import redact_url
-from ..exceptions import BrokerError, PublishError, QueueMismatchError
+from ..exceptions import BrokerError, ConfigurationError, PublishError, QueueMismatchError
 from . import embedded
 
 logger = logging.getLogger("heretic_kombu.broker")
@@ -51,6 +52,8 @@ class Delivery:
     priority: int | None
     redelivered: bool
     _message: Any = dataclasses.field(repr=False)
+    #: The :attr:`Subscription.generation` of the connection it arrived on.
+    _generation: int = dataclasses.field(default=0, repr=False)
 
 
 class Broker:
@@ -63,12 +66,25 @@ class Broker:
         transport_options: dict[str, Any] | None = None,
         confirm_timeout: float = 10.0,
         queue_max_priority: int | None = None,
+        queue_type: str = "classic",
+        delivery_limit: int | None = None,
     ) -> None:
+        if queue_type == "quorum" and queue_max_priority is not None:
+            raise ConfigurationError(
+                "quorum queues have no message priorities: unset queue_max_priority"
+                " or use queue_type='classic'"
+            )
         self.url = url
         self.transport_options = dict(transport_options or {})
         self.confirm_timeout = confirm_timeout
         self.queue_max_priority = queue_max_priority
+        self.queue_type = queue_type
+        self.delivery_limit = delivery_limit
         self._local = threading.local()
+        # Every thread's producer connection, so close() can release them all: a thread
+        # that ends leaves its thread-local connection behind, with its socket open.
+        self._producer_connections: set[tuple[int, kombu.Connection]] = set()
+        self._connections_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Broker {redact_url(self.url)}>"
@@ -92,11 +108,22 @@ class Broker:
         return self.url.startswith(("amqp:", "amqps:", "pyamqp:"))
 
     def queue(self, name: str) -> kombu.Queue:
-        """The work queue ``name`` with its dead-letter arguments."""
+        """The work queue ``name`` with its dead-letter arguments.
+
+        With ``queue_type="quorum"`` it is a replicated quorum queue whose
+        ``x-delivery-limit`` makes RabbitMQ dead-letter a message delivered that many
+        times without an ack (a job that kills every worker it reaches), as a second
+        guard beside heretic's own ``max_attempts``. Transports other than RabbitMQ
+        ignore these arguments.
+        """
         arguments: dict[str, Any] = {
             "x-dead-letter-exchange": DEAD_EXCHANGE,
             "x-dead-letter-routing-key": dead_queue_name(name),
         }
+        if self.queue_type == "quorum":
+            arguments["x-queue-type"] = "quorum"
+            if self.delivery_limit is not None:
+                arguments["x-delivery-limit"] = self.delivery_limit
         if self.queue_max_priority is not None:
             arguments["x-max-priority"] = self.queue_max_priority
         exchange = kombu.Exchange(name, type="direct", durable=True)
@@ -200,6 +227,8 @@ class Broker:
         if getattr(local, "pid", None) != os.getpid() or getattr(local, "producer", None) is None:
             connection = self.connect()
             local.pid, local.connection = os.getpid(), connection
+            with self._connections_lock:
+                self._producer_connections.add((os.getpid(), connection))
             local.producer = kombu.Producer(connection.default_channel)
             local.declared = set()
         return local.producer  # type: ignore[no-any-return]
@@ -211,16 +240,20 @@ class Broker:
 
     def _reset_producer(self) -> None:
         connection = getattr(self._local, "connection", None)
-        self._local.producer = None
+        self._local.producer = self._local.connection = None
         if connection is not None and getattr(self._local, "pid", None) == os.getpid():
-            try:
-                connection.release()
-            except Exception:  # the connection is already broken; nothing to save
-                logger.debug("closing a broken producer connection failed", exc_info=True)
+            with self._connections_lock:
+                self._producer_connections.discard((os.getpid(), connection))
+            _release_quietly(connection)
 
     def close(self) -> None:
-        """Close this thread's producer connection."""
+        """Close the producer connections this process opened, in every thread."""
         self._reset_producer()
+        with self._connections_lock:
+            mine = [c for pid, c in self._producer_connections if pid == os.getpid()]
+            self._producer_connections.clear()
+        for connection in mine:
+            _release_quietly(connection)
 
     # -- consuming -------------------------------------------------------------
 
@@ -248,8 +281,17 @@ class Broker:
 class Subscription:
     """A consuming connection: receives deliveries, acks them, dead-letters them.
 
+    When the connection or its channel is lost (network cut, server restart, RabbitMQ
+    closing it, a consumer_timeout), :meth:`drain` reopens it with backoff, declares the
+    topology again and consumes again. The broker redelivers whatever was unacked on the
+    lost connection; deliveries received before the loss are no longer *live*
+    (:meth:`is_live`): acking or rejecting them is skipped, never an error.
+
     Not thread-safe: use it from the thread that created it.
     """
+
+    #: Longest pause between two reconnection attempts, in seconds.
+    max_backoff = 5.0
 
     def __init__(
         self,
@@ -264,42 +306,68 @@ class Subscription:
         self._prefetch = prefetch
         self._connection: kombu.Connection | None = None
         self._consumers: list[kombu.Consumer] = []
-        self._open()
+        #: Bumped at every (re)connection; a delivery carries the one it arrived on.
+        self.generation = 0
+        #: How many times the connection was lost and opened again.
+        self.reconnects = 0
+        self._backoff = 0.0
+        self._next_attempt = 0.0
+        self._open(wait=True)
 
-    def _open(self) -> None:
+    @property
+    def connected(self) -> bool:
+        """True while the consuming connection is open."""
+        return self._connection is not None
+
+    def _open(self, wait: bool = False) -> None:
+        """Connect, declare the queues, set the prefetch and consume.
+
+        With ``wait`` (at start), retry until the broker answers; otherwise one attempt,
+        and the caller decides when to try again.
+        """
         connection = self.broker.connect()
-        connection.ensure_connection(
-            max_retries=None,
-            interval_start=0.2,
-            interval_step=0.5,
-            interval_max=5,
-            callback=self._log_reconnect,
-        )
-        channel = connection.default_channel
-        for name in self.queues:
-            self.broker.declare(channel, name)
-        is_virtual = isinstance(connection.transport, VirtualTransport)
-        # Positional: py-amqp and kombu's virtual channels name the third argument differently.
-        channel.basic_qos(0, self._prefetch, not is_virtual)
-        self._consumers = [
-            kombu.Consumer(
-                channel,
-                [self.broker.queue(name)],
-                no_ack=False,
-                on_message=self._callback(name),
-                auto_declare=False,
+        try:
+            connection.ensure_connection(
+                max_retries=None if wait else 1,
+                interval_start=0.2,
+                interval_step=0.5,
+                interval_max=self.max_backoff,
+                errback=self._log_reconnect,
             )
-            for name in self.queues
-        ]
-        for consumer in self._consumers:
-            consumer.consume()
+            channel = connection.default_channel
+            for name in self.queues:
+                self.broker.declare(channel, name)
+            is_virtual = isinstance(connection.transport, VirtualTransport)
+            # RabbitMQ's "global" prefetch is one limit for the channel's consumers of all
+            # queues; quorum queues refuse it (540), so there it is per consumer.
+            shared = not is_virtual and self.broker.queue_type != "quorum"
+            # Positional: py-amqp and kombu's virtual channels name the third argument
+            # differently.
+            channel.basic_qos(0, self._prefetch, shared)
+            consumers = [
+                kombu.Consumer(
+                    channel,
+                    [self.broker.queue(name)],
+                    no_ack=False,
+                    on_message=self._callback(name, self.generation + 1),
+                    auto_declare=False,
+                )
+                for name in self.queues
+            ]
+            for consumer in consumers:
+                consumer.consume()
+        except BaseException:
+            _release_quietly(connection)
+            raise
+        self._consumers = consumers
         self._connection = connection
+        self.generation += 1
 
     @staticmethod
     def _log_reconnect(exc: Exception, interval: float) -> None:
         logger.warning("broker unreachable (%r); retrying in %.1fs", exc, interval)
 
-    def _callback(self, queue: str) -> Callable[[Any], None]:
+    def _callback(self, queue: str, generation: int) -> Callable[[Any], None]:
         def on_message(message: Any) -> None:
             info = message.delivery_info or {}
             self._on_delivery(
@@ -311,6 +379,7 @@ class Subscription:
                     priority=(message.properties or {}).get("priority"),
                     redelivered=bool(info.get("redelivered")),
                     _message=message,
+                    _generation=generation,
                 )
             )
 
@@ -319,21 +388,58 @@ class Subscription:
     def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for deliveries and hand them to the callback.
 
-        A lost connection is reopened (with backoff); deliveries received on the old
-        one can no longer be acked, and the broker will deliver them again.
+        A lost connection (or channel) is reopened with backoff, the topology declared
+        again and consuming resumed. While the broker cannot be reached, this returns
+        after ``timeout`` so the caller can go on recording outcomes in the database.
         """
-        assert self._connection is not None
+        if self._connection is None:
+            self._reconnect(timeout)
+            return
+        lost: tuple[type[BaseException], ...] = (OSError, *self._recoverable_errors())
         try:
             self._connection.drain_events(timeout=timeout)
         except TimeoutError:
             return
-        except self._connection.connection_errors as exc:
+        except lost as exc:
             logger.warning("broker connection lost (%r); reconnecting", exc)
             self._discard_connection()
+            self._backoff = 0.0
+            self._next_attempt = 0.0
+            self._reconnect(0.0)
+
+    def _recoverable_errors(self) -> tuple[type[BaseException], ...]:
+        connection = self._connection
+        if connection is None:
+            return ()
+        return tuple(connection.connection_errors) + tuple(connection.channel_errors)
+
+    def _reconnect(self, timeout: float) -> None:
+        now = time.monotonic()
+        if now < self._next_attempt:
+            time.sleep(max(0.0, min(timeout, self._next_attempt - now)))
+            return
+        try:
             self._open()
+        except QueueMismatchError:
+            raise  # a configuration error: no reconnection can fix it
+        except Exception as exc:
+            self._backoff = min(self.max_backoff, max(0.2, self._backoff * 2))
+            self._next_attempt = time.monotonic() + self._backoff
+            logger.warning("broker unreachable (%r); reconnecting in %.1fs", exc, self._backoff)
+            return
+        self._backoff = 0.0
+        self.reconnects += 1
+        logger.warning("broker connection restored; consuming %s again", ",".join(self.queues))
+
+    def is_live(self, delivery: Delivery) -> bool:
+        """True if ``delivery`` came on the current connection, so it can still be acked."""
+        return self._connection is not None and delivery._generation == self.generation
 
     def ack(self, delivery: Delivery) -> bool:
         """Acknowledge a delivery; ``False`` if its connection is gone (it will come again)."""
+        if not self.is_live(delivery):
+            logger.info("ack skipped: the delivery's connection is gone; the broker redelivers")
+            return False
         try:
             delivery._message.ack()
             return True
@@ -342,9 +448,19 @@ class Subscription:
             return False
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Move a delivery that can never be handled to its queue's dead-letter queue."""
+        """Move a delivery that can never be handled to its queue's dead-letter queue.
+
+        A delivery whose connection is gone is left alone: the broker delivers it again,
+        and it is dead-lettered then.
+        """
+        if not self.is_live(delivery):
+            logger.info("dead-lettering skipped: the delivery's connection is gone")
+            return
         if self.broker.dead_letters_natively:
-            delivery._message.reject(requeue=False)
+            try:
+                delivery._message.reject(requeue=False)
+            except Exception as exc:
+                logger.warning("reject failed (%r); the broker will redeliver the message", exc)
             return
         # The transport would just drop a rejected message: keep a copy first.
         self.broker.publish_dead(delivery, reason)
@@ -364,11 +480,16 @@ class Subscription:
 
     def _discard_connection(self) -> None:
         connection, self._connection = self._connection, None
+        self._consumers = []
         if connection is not None:
-            try:
-                connection.release()
-            except Exception:
-                logger.debug("closing the consumer connection failed", exc_info=True)
+            _release_quietly(connection)
+
+
+def _release_quietly(connection: kombu.Connection) -> None:
+    try:
+        connection.release()
+    except Exception:
+        logger.debug("closing a broker connection failed", exc_info=True)
 
 
 def _is_precondition_failed(exc: BaseException) -> bool:

@@ -29,12 +29,14 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import canvas, failure, protocol, serialization, signals, states
+from .. import canvas, control, failure, protocol, serialization, signals, states
 from .. import retry as retry_policy
 from ..broker import Delivery, Subscription
 from ..exceptions import EncodeError, MalformedMessage, StoreError, WorkerLostError
-from ..execution import FAILED, LOST, RETRY, SUCCEEDED
+from ..execution import FAILED, IGNORED, LOST, REJECTED, RETRY, SUCCEEDED
+from ..ratelimit import TokenBucket, parse_rate
 from ..store import AttemptResult, Job, NewJob, NextSteps, log_line, utcnow
+from ..task import Context
 from .pool import POOLS, Pool
 
 if TYPE_CHECKING:
@@ -78,6 +80,17 @@ class Worker:
         self._stopping = False
         self._next_tick = 0.0
         self._subscription: Subscription | None = None
+        # revoke(terminate=True): (task id, row error) seen by the heartbeat thread, and
+        # the signal sent to each job being terminated.
+        self._revocations: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._terminating: dict[str, int] = {}
+        self._cannot_terminate: set[str] = set()
+        # rate_limit: a token bucket per task, messages held for a token, and the held
+        # messages released with their token already taken.
+        self._buckets: dict[str, TokenBucket | None] = {}
+        self._held: dict[str, collections.deque[Delivery]] = {}
+        self._granted: dict[int, Delivery] = {}
+        self._no_limit_warned: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -128,11 +141,16 @@ class Worker:
         else:
             # While jobs run, come back often to record their outcomes; when idle, sleep
             # until the scheduler's next tick unless a message arrives.
-            idle = max(0.002, min(1.0, self._next_tick - time.monotonic()))
+            idle = max(0.002, min(1.0, self._next_tick - time.monotonic(), self._held_wait()))
             self._subscription.drain(0.002 if self._running else idle)
             self._record_finished()
+        self._release_held()
         while self._inbox and self.pool.free_slots() > 0 and not self._stopping:
             delivery = self._inbox.popleft()
+            if not self._subscription.is_live(delivery):
+                # Received on a connection since lost: the broker redelivers it on the
+                # new one, where it can be acked (or dead-lettered) after its commit.
+                continue
             try:
                 self._handle(delivery)
             except Exception as exc:
@@ -141,6 +159,7 @@ class Worker:
                 self._dead_letter(delivery, f"internal error: {exc!r}", _header_id(delivery))
             self._record_finished()
         self._tick()
+        self._apply_revocations()
         self.pool.maintain()
 
     def _drain_running(self) -> None:
@@ -173,6 +192,8 @@ class Worker:
     # -- one delivery ------------------------------------------------------------
 
     def _handle(self, delivery: Delivery) -> None:
+        if not self._take_token(delivery):
+            return  # rate limited: held, unclaimed, until its task's bucket has a token
         try:
             message = protocol.decode(
                 delivery.body, delivery.content_type, delivery.headers, delivery.priority
@@ -208,6 +229,7 @@ class Worker:
             "hostname": self.name,
             "queue": delivery.queue,
         }
+        call["time_limit"], call["soft_time_limit"] = self._time_limits(job)
         task_id = job.task_id
         self.pool.submit(call, lambda outcome: self._done.put((task_id, outcome)))
 
@@ -258,13 +280,31 @@ class Worker:
             )
             return None
         if row.status == states.STARTED and message.id in self._running:
-            # Our own job, redelivered after a reconnect: ack the live copy when done.
-            self._running[message.id] = (delivery, self._running[message.id][1])
+            running, job = self._running[message.id]
+            if self._subscription.is_live(running):  # type: ignore[union-attr]
+                # A duplicate of a job running here: the first copy is acked after
+                # the commit; this one can go now, or it would hold a prefetch slot.
+                logger.info(
+                    "Task %s[%s]: duplicate of a job running here acked",
+                    row.task_name,
+                    row.task_id,
+                )
+                self._subscription.ack(delivery)  # type: ignore[union-attr]
+            else:
+                # Our own job, redelivered after a reconnect: ack this copy when done.
+                logger.info(
+                    "Task %s[%s] redelivered after a reconnect while running here;"
+                    " this copy is acked when it ends",
+                    row.task_name,
+                    row.task_id,
+                )
+                self._running[message.id] = (delivery, job)
             return None
         if row.status == states.STARTED and delivery.redelivered:
             return self._recover_lost_attempt(delivery, row)
         if self._store_call(store.revoke_expired, message.id):
             logger.info("Task %s[%s] expired before it ran: revoked", row.task_name, row.task_id)
+            self._send_revoked(row, delivery, terminated=False, signum=None, expired=True)
         else:
             logger.info(
                 "Task %s[%s]: message dropped, nothing to claim (status %s%s)",
@@ -273,6 +313,9 @@ class Worker:
                 row.status,
                 f", due {row.eta:%Y-%m-%d %H:%M:%S}" if row.eta else "",
             )
+            if row.status == states.REVOKED:  # Celery: "Discarding revoked task"
+                expired = row.error == "expired"
+                self._send_revoked(row, delivery, terminated=False, signum=None, expired=expired)
         self._subscription.ack(delivery)  # type: ignore[union-attr]
         return None
 
@@ -343,6 +386,8 @@ class Worker:
                 return
             block = None
             delivery, job = self._running.pop(task_id)
+            if self._settle_control_outcome(delivery, job, outcome):
+                continue
             self._record(delivery, job, outcome)
 
     def _record(self, delivery: Delivery, job: Job, outcome: dict[str, Any]) -> None:
@@ -461,6 +506,225 @@ class Worker:
             traceback=outcome.get("traceback"),
         )
 
+    # -- runtime controls: revoke, Reject/Ignore, time limits, rate limits -------------
+
+    def _time_limits(self, job: Job) -> tuple[float | None, float | None]:
+        """The (hard, soft) time limits of a job: the call's own (``apply_async(
+        time_limit=...)``, or a Celery client's ``timelimit`` header), else the task's,
+        else the ``time_limit``/``soft_time_limit`` settings (task_time_limit...)."""
+        task_name = job.task_name
+        task = self.app.tasks.get(task_name)
+        settings = self.app.settings
+        per_call = (job.workflow or {}).get("timelimit") or [None, None]
+        hard = task.time_limit if task is not None and task.time_limit is not None else None
+        soft = task.soft_time_limit if task is not None else None
+        hard = per_call[0] if per_call[0] is not None else hard
+        soft = per_call[1] if per_call[1] is not None else soft
+        hard = hard if hard is not None else settings.time_limit
+        soft = soft if soft is not None else settings.soft_time_limit
+        if hard and not self.pool.enforces_time_limits and task_name not in self._no_limit_warned:
+            self._no_limit_warned.add(task_name)
+            logger.warning(
+                "Task %s has a hard time limit (%ss) that the %s pool cannot enforce:"
+                " hard time limits need the prefork pool",
+                task_name,
+                hard,
+                type(self.pool).__name__,
+            )
+        return (float(hard) if hard else None, float(soft) if soft else None)
+
+    def _bucket(self, task_name: str) -> TokenBucket | None:
+        """The token bucket of a rate-limited task (``rate_limit``), made on first use."""
+        if task_name not in self._buckets:
+            task = self.app.tasks.get(task_name)
+            limit = task.rate_limit if task is not None else None
+            if limit is None:
+                limit = self.app.settings.default_rate_limit or None
+            try:
+                rate = parse_rate(limit)
+            except ValueError as exc:
+                logger.error("Task %s: %s; running it without a rate limit", task_name, exc)
+                rate = None
+            self._buckets[task_name] = TokenBucket(rate) if rate else None
+        return self._buckets[task_name]
+
+    def _take_token(self, delivery: Delivery) -> bool:
+        """``True`` if the delivery may be handled now; else it is held (not claimed,
+        not acked) behind its task's earlier held messages until a token is free."""
+        granted = self._granted.pop(id(delivery), None)
+        if granted is delivery:
+            return True
+        name = (delivery.headers or {}).get("task")
+        if not isinstance(name, str):
+            return True  # malformed: _handle dead-letters it
+        bucket = self._bucket(name)
+        if bucket is None:
+            return True
+        if not self._held.get(name) and bucket.can_consume():
+            return True
+        self._held.setdefault(name, collections.deque()).append(delivery)
+        return False
+
+    def _release_held(self) -> None:
+        """Put held messages whose task has a token again at the front of the inbox,
+        no more than there are free slots (a token is taken when a job can start)."""
+        if not self._held:
+            return
+        free = self.pool.free_slots()
+        released: list[Delivery] = []
+        for name, held in list(self._held.items()):
+            bucket = self._buckets.get(name)
+            while held and free > 0 and bucket is not None and bucket.can_consume():
+                delivery = held.popleft()
+                self._granted[id(delivery)] = delivery
+                released.append(delivery)
+                free -= 1
+            if not held:
+                del self._held[name]
+        for delivery in reversed(released):
+            self._inbox.appendleft(delivery)
+
+    def _held_wait(self) -> float:
+        """Seconds until a held message's task has a token again (1.0 if none is held)."""
+        waits = [
+            bucket.expected_time()
+            for name in self._held
+            if (bucket := self._buckets.get(name)) is not None
+        ]
+        return min(waits, default=1.0)
+
+    def _apply_revocations(self) -> None:
+        """Terminate the jobs the heartbeat found revoked with ``terminate=True``."""
+        while True:
+            try:
+                task_id, error = self._revocations.get_nowait()
+            except queue.Empty:
+                return
+            signum = control.terminate_signal(error)
+            if signum is None or task_id not in self._running or task_id in self._terminating:
+                continue
+            if self.pool.terminate_job(task_id, signum):
+                self._terminating[task_id] = signum
+                job = self._running[task_id][1]
+                logger.warning(
+                    "Task %s[%s] revoked with terminate=True: %s sent to its process",
+                    job.task_name,
+                    job.task_id,
+                    signal.Signals(signum).name,
+                )
+
+    def _settle_control_outcome(
+        self, delivery: Delivery, job: Job, outcome: dict[str, Any]
+    ) -> bool:
+        """Record an attempt that a runtime control ended: terminated by revoke, or
+        ended by the task raising Reject or Ignore. ``False`` for any other outcome."""
+        self._cannot_terminate.discard(job.task_id)
+        signum = self._terminating.pop(job.task_id, None)
+        if signum is not None:
+            # The row already says revoked ("terminated (SIG...)"), with its log line.
+            self._subscription.ack(delivery)  # type: ignore[union-attr]
+            logger.warning(
+                "Task %s[%s] terminated (%s); the job stays revoked",
+                job.task_name,
+                job.task_id,
+                signal.Signals(signum).name,
+            )
+            self._send_revoked(job, delivery, terminated=True, signum=signum, expired=False)
+            return True
+        status = outcome.get("status")
+        if status == IGNORED:
+            line = log_line(utcnow(), job.attempts, self.name, "ignored (the task raised Ignore)")
+            self._store_call(
+                self.app.store.record_attempt,
+                job.task_id,
+                job.attempts,
+                AttemptResult(states.IGNORED, line),
+                None,
+            )
+            self._subscription.ack(delivery)  # type: ignore[union-attr]
+            logger.info("Task %s[%s] ignored", job.task_name, job.task_id)
+            return True
+        if status == REJECTED:
+            self._record_rejected(delivery, job, outcome)
+            return True
+        return False
+
+    def _record_rejected(self, delivery: Delivery, job: Job, outcome: dict[str, Any]) -> None:
+        """The task raised Reject: requeue the job (while it has attempts left), or fail
+        it and dead-letter its message, as Celery's Reject(requeue=False) does."""
+        now = utcnow()
+        reason = outcome.get("reason") or "rejected"
+        meta = serialization.dumps(outcome["exc"]) if outcome.get("exc") else None
+
+        def line(text: str) -> str:
+            return log_line(now, job.attempts, self.name, text)
+
+        if outcome.get("requeue") and job.attempts < job.max_attempts:
+            requeued = AttemptResult(
+                states.RETRYING,
+                line(f"rejected: {reason}; requeued"),
+                result=meta,
+                error=outcome.get("error"),
+                eta=now,
+            )
+            self._store_call(
+                self.app.store.record_attempt, job.task_id, job.attempts, requeued, None
+            )
+            self._subscription.ack(delivery)  # type: ignore[union-attr]
+            self._next_tick = 0.0  # the scheduler publishes it again with this loop turn
+            logger.info("Task %s[%s] rejected and requeued: %s", job.task_name, job.task_id, reason)
+            return
+        why = "rejected"
+        if outcome.get("requeue"):
+            why = f"rejected with requeue, but all {job.max_attempts} attempt(s) are used"
+        failed = AttemptResult(
+            states.FAILED,
+            line(f"{why}: {reason}; message dead-lettered"),
+            result=meta,
+            error=outcome.get("error"),
+            traceback=outcome.get("traceback"),
+        )
+        then = self._next_steps(job, failed)
+        followups = self._store_call(
+            self.app.store.record_attempt, job.task_id, job.attempts, failed, then
+        )
+        # Only now, with the outcome committed, may the message go (invariant 2).
+        self._dead_letter(delivery, f"task {job.task_name} {why}: {reason}", job.task_id)
+        if followups:
+            self._deliver(followups)
+        exc = failure.rebuild(serialization.loads(meta)) if meta else WorkerLostError(reason)
+        self.app.emit("job_failed", exc, self._store_call(self.app.store.get, job.task_id) or job)
+
+    def _send_revoked(
+        self,
+        job: Job,
+        delivery: Delivery,
+        *,
+        terminated: bool,
+        signum: int | None,
+        expired: bool,
+    ) -> None:
+        """Celery's ``task_revoked`` signal, sent in the worker as Celery sends it."""
+        task = self.app.tasks.get(job.task_name)
+        if task is None:
+            return
+        request = Context(
+            id=job.task_id,
+            task=job.task_name,
+            args=job.args,
+            kwargs=job.kwargs,
+            retries=max(job.attempts - 1, 0),
+            root_id=job.root_id,
+            parent_id=job.parent_id,
+            group=job.group_id,
+            hostname=self.name,
+            delivery_info={"routing_key": delivery.queue, "exchange": delivery.queue},
+            called_directly=False,
+        )
+        signals.task_revoked.send(
+            sender=task, request=request, terminated=terminated, signum=signum, expired=expired
+        )
+
     # -- scheduler -------------------------------------------------------------------
 
     def _tick(self) -> None:
@@ -485,7 +749,23 @@ class Worker:
         job in the solo pool (which blocks the main loop) still keeps its lease."""
         while not self._heartbeat_stop.wait(self.heartbeat_interval):
             try:
-                self.app.store.heartbeat(list(self._running))
+                running = list(self._running)
+                self.app.store.heartbeat(running)
+                # Jobs revoked with terminate=True while running here: the main loop
+                # terminates them (a beat is how soon revoke(terminate=True) acts).
+                for task_id, error in self.app.store.revoked_among(running).items():
+                    if control.terminate_signal(error) is None:
+                        continue  # revoked some other way: its outcome will not be recorded
+                    self._revocations.put((task_id, error))
+                    if not self.pool.can_terminate and task_id not in self._cannot_terminate:
+                        self._cannot_terminate.add(task_id)
+                        logger.warning(
+                            "Task %s revoked with terminate=True, but the %s pool cannot"
+                            " terminate a running job: it runs to its end (its outcome is"
+                            " not recorded: the row says revoked)",
+                            task_id,
+                            type(self.pool).__name__,
+                        )
             except Exception as exc:  # the next beat tries again; a lease has slack
                 logger.warning("heartbeat failed (%r)", exc)
 
@@ -555,6 +835,8 @@ def _workflow_of(message: protocol.TaskMessage) -> serialization.RawJSON | None:
     }
     if message.group_index is not None:
         workflow["group_index"] = message.group_index
+    if message.timelimit != (None, None):
+        workflow["timelimit"] = list(message.timelimit)
     if not any(value is not None for value in workflow.values()):
         return None
     return serialization.dumps(workflow)
