@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import db, dead, jobs, worker  # noqa: F401 - each module registers its commands on `cli`
+from . import beat, dashboard, db, dead, jobs, worker  # noqa: F401 - each module registers its commands on `cli`
 from .main import cli, main
 
 __all__ = ["cli", "main"]

@@ -47,6 +47,21 @@ class History:
     def search(self, query: JobQuery) -> Page:
         """One page of rows matching ``query``, with the cursor of the next page."""
         self.store.ensure_schema()
+        column, _ = _order(query.order_by)
+        with self.store._read() as conn:
+            rows = [_to_job(row) for row in conn.execute(self.select(query))]
+        cursor = None
+        if len(rows) > query.limit:
+            rows = rows[: query.limit]
+            last = rows[-1]
+            cursor = encode_cursor(
+                last.id if column is jobs.c.id else getattr(last, column.name), last.id
+            )
+        return Page(rows, cursor)
+
+    def select(self, query: JobQuery) -> Any:
+        """The statement of one page (one row more than the limit, to know if there is a
+        next page); also what ``EXPLAIN`` is asked about in the benchmark."""
         column, descending = _order(query.order_by)
         statement = sa.select(jobs).where(*self._conditions(query))
         if query.after is not None:
@@ -63,17 +78,7 @@ class History:
         orders = [column.desc() if descending else column.asc()]
         if column is not jobs.c.id:
             orders.append(jobs.c.id.desc() if descending else jobs.c.id.asc())
-        statement = statement.order_by(*orders).limit(query.limit + 1)
-        with self.store._read() as conn:
-            rows = [_to_job(row) for row in conn.execute(statement)]
-        cursor = None
-        if len(rows) > query.limit:
-            rows = rows[: query.limit]
-            last = rows[-1]
-            cursor = encode_cursor(
-                last.id if column is jobs.c.id else getattr(last, column.name), last.id
-            )
-        return Page(rows, cursor)
+        return statement.order_by(*orders).limit(query.limit + 1)
 
     def count(self, query: JobQuery) -> int:
         """How many rows match ``query`` (ignoring its limit and cursor)."""
@@ -222,6 +227,49 @@ class History:
             found: dict[str, dict[str, int]] = {}
             for queue, status, n in rows:
                 found.setdefault(queue, {})[status] = n
+        return found
+
+    def queue_names(self) -> list[str]:
+        """Every queue that has a job in the table, sorted (the dashboard's queue list)."""
+        self.store.ensure_schema()
+        with self.store._read() as conn:
+            names = sa.select(jobs.c.queue_name).distinct().order_by(jobs.c.queue_name)
+            return [name for (name,) in conn.execute(names)]
+
+    def workers_seen(self, since: dt.datetime) -> list[tuple[str, dt.datetime, int]]:
+        """Workers that touched a job since ``since`` (claimed, heartbeated or finished
+        it): name, last time seen, and jobs it is running now. There is no worker
+        registry: an idle worker is not seen."""
+        self.store.ensure_schema()
+        running = sa.func.sum(sa.case((jobs.c.status == states.STARTED, 1), else_=0))
+        with self.store._read() as conn:
+            rows = conn.execute(
+                sa.select(jobs.c.worker, sa.func.max(jobs.c.updated_at), running)
+                .where(jobs.c.worker.is_not(None), jobs.c.updated_at >= since)
+                .group_by(jobs.c.worker)
+                .order_by(jobs.c.worker)
+            ).all()
+        return [(name, _aware(last), int(busy or 0)) for name, last, busy in rows]
+
+    def runtimes(self, since: dt.datetime, sample: int = 20_000) -> dict[str, list[float]]:
+        """Run times in seconds per task of the newest ``sample`` jobs that succeeded or
+        failed since ``since`` (the dashboard's run-time histogram)."""
+        self.store.ensure_schema()
+        with self.store._read() as conn:
+            rows = conn.execute(
+                sa.select(jobs.c.task_name, jobs.c.started_at, jobs.c.finished_at)
+                .where(
+                    jobs.c.finished_at >= since,
+                    jobs.c.started_at.is_not(None),
+                    jobs.c.status.in_([states.SUCCEEDED, states.FAILED]),
+                )
+                .order_by(jobs.c.finished_at.desc())
+                .limit(sample)
+            ).all()
+        found: dict[str, list[float]] = {}
+        for task, started, finished in rows:
+            seconds = (_aware(finished) - _aware(started)).total_seconds()
+            found.setdefault(task, []).append(max(seconds, 0.0))
         return found
 
 
