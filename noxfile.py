@@ -1,5 +1,6 @@
 """Sessions: `nox -s tests` (the suite), `nox -s lint` (ruff, mypy), `nox -s bench` (heretic vs
-Celery). Arguments after `--` go to pytest (or to the benchmark runner)."""
+Celery), `nox -s compat` (the Celery parity table). Arguments after `--` go to pytest (or to
+the benchmark or parity runner)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,12 @@ def bench(session: nox.Session) -> None:
     Arguments after `--` go to benchmarks/run.py (e.g. `-- --rounds 5 --only drain`)."""
     session.install(".", *nox.project.dependency_groups(PYPROJECT, "bench"))
     session.run("python", "-m", "benchmarks.run", *session.posargs)
+
+
+@nox.session
+def compat(session: nox.Session) -> None:
+    """The Celery parity table: the same scenarios on real Celery and on heretic_kombu, each
+    with a real worker on the local RabbitMQ + PostgreSQL; writes compat/parity/RESULTS.md.
+    Arguments after `--` go to compat/parity/run.py (e.g. `-- --only chord`)."""
+    session.install(".", *nox.project.dependency_groups(PYPROJECT, "compat"))
+    session.run("python", "-m", "compat.parity.run", *session.posargs)
