@@ -395,14 +395,8 @@ def search(rows: int) -> dict[str, dict[str, Any]]:
 
 def _plan_indexes(app: Any, filters: dict[str, Any]) -> str:
     from heretic_kombu.search import JobQuery
-    from heretic_kombu.store.history import History
-    from heretic_kombu.store.tables import jobs
 
-    history = History(app.store)
-    query = JobQuery.build(**filters, limit=50)
-    statement = (
-        sa.select(jobs).where(*history._conditions(query)).order_by(jobs.c.id.desc()).limit(51)
-    )
+    statement = app.jobs.history.select(JobQuery.build(**filters, limit=50))
     compiled = statement.compile(
         dialect=app.store.engine.dialect, compile_kwargs={"render_postcompile": True}
     )
@@ -422,13 +416,14 @@ _FILL = """
 INSERT INTO heretic_jobs (queue_name, status, payload, attempt_logs, max_attempts, created_at,
     updated_at, task_id, task_name, attempts, error, root_id, started_at, finished_at)
 SELECT (ARRAY['celery', 'mail', 'reports'])[1 + g %% 3],
-       CASE WHEN g %% 20 = 0 THEN 'failed' WHEN g %% 50 = 1 THEN 'queued' ELSE 'succeeded' END,
+       CASE WHEN g / 7 %% 20 = 0 THEN 'failed' WHEN g %% 50 = 1 THEN 'queued'
+            ELSE 'succeeded' END,
        jsonb_build_object(
            'args', jsonb_build_array(g),
            'kwargs', jsonb_build_object('to', 'user' || (g %% 5000) || '@example.com',
                                         'amount', g %% 1000)),
        ARRAY['attempt 1'], 4, t, t, md5(g::text)::uuid, 'bench.task' || (g %% 10), 1,
-       CASE WHEN g %% 20 = 0 THEN
+       CASE WHEN g / 7 %% 20 = 0 THEN
            (ARRAY['TimeoutError: upstream took too long', 'ValueError: bad input'])[1 + g %% 2]
        END,
        CASE WHEN g = 4242 THEN '00000000-0000-4000-8000-000000004242'::uuid

@@ -631,6 +631,10 @@ def next_steps(app: Heretic, job: Job, status: str, value: Any, error: str | Non
     elif status == states.FAILED:
         for errback in workflow.get("errbacks") or ():
             planned.extend(plan(app, signature(errback, app=app).clone([job.task_id]), lineage)[0])
+        # As Celery: the steps of the chain that will never run fail with the same error,
+        # so waiting on the chain's result raises it instead of waiting forever.
+        for step in workflow.get("chain") or ():
+            planned.jobs.extend(_never_run(app, signature(step, app=app), value, error, lineage))
     steps_after = NextSteps(jobs=planned.jobs, chords=planned.chords)
     chord_group = job.group_id if workflow.get("chord") else None
     if chord_group is None and status == states.FAILED and workflow.get("chain"):
@@ -662,6 +666,34 @@ def _continue_with(step: Signature, rest: list[Any]) -> None:
         step.kwargs["body"] = body
     else:
         step.options["chain"] = rest
+
+
+def _never_run(
+    app: Heretic, step: Signature, meta: Any, error: str | None, lineage: Lineage
+) -> list[NewJob]:
+    """Rows, already failed with ``meta``/``error``, for the jobs of a chain step that
+    cannot run because an earlier step failed: the step itself, a chord's body, or a
+    group's members."""
+    if isinstance(step, chord):
+        body = step.body
+        return _never_run(app, body, meta, error, lineage) if body is not None else []
+    if isinstance(step, (group, chain)):
+        return [
+            row for member in step.tasks for row in _never_run(app, member, meta, error, lineage)
+        ]
+    if step.id is None:
+        return []  # never frozen, so nobody holds its id
+    planned, _ = plan(app, step.clone(), lineage)
+    return [
+        dataclasses.replace(
+            planned.jobs[0],
+            status=states.FAILED,
+            eta=None,
+            error=error,
+            result=serialization.dumps(meta) if meta is not None else None,
+            workflow=None,
+        )
+    ]
 
 
 def _failed_body(

@@ -41,7 +41,8 @@ class Jobs:
         containment, e.g. ``{"kwargs": {"to": "bob"}}``), ``where`` (conditions such as
         ``("kwargs.amount", ">", 100)`` or ``"kwargs.to=bob"``), ``error_contains``,
         ``since``/``until`` (datetimes or durations ago: ``"2h"``), ``root_id``,
-        ``group_id``; ``order_by`` (``-id``, ``id``, ``-created_at``, ``created_at``),
+        ``group_id``; ``order_by`` (``-created_at``, the default, ``created_at``, ``-id``,
+        ``id``),
         ``limit`` and ``after`` (a previous page's ``next_cursor``).
         Raises ``ValueError`` for a bad filter, before any SQL is run.
         """

@@ -47,7 +47,7 @@ class AsyncResult:
     def state(self) -> str:
         """Celery's state name: PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
         status = self.app.store.status_of(self.id)
-        if status == states.STARTED:  # a custom state from update_state() wins
+        if status in (states.STARTED, states.IGNORED):  # update_state()'s custom state wins
             progress = _progress(self._job())
             if progress is not None:
                 return str(progress[PROGRESS_KEY])
@@ -120,13 +120,16 @@ class AsyncResult:
         propagate: bool = True,
         interval: float | None = None,
         disable_sync_subtasks: bool = True,
+        follow_parents: bool = True,
         **_: Any,
     ) -> Any:
         """Wait for the job to finish and return its result.
 
         Raises the task's exception (rebuilt with its type and message) when it failed
         and ``propagate`` is true, :class:`TaskRevokedError` when it was revoked, and
-        :class:`TimeoutError` after ``timeout`` seconds.
+        :class:`TimeoutError` after ``timeout`` seconds. As in Celery, with
+        ``follow_parents`` the error of a failed earlier step (``.parent``: a chain's
+        previous step, a chord's header) is raised first.
         """
         if disable_sync_subtasks and current_request() is not None:
             if not current_request().called_directly:  # type: ignore[union-attr]
@@ -138,14 +141,23 @@ class AsyncResult:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.002
         store = self.app.store
+        listener = store.listen()  # before the first read: no ending can be missed
+        check_parents = follow_parents and propagate and self.parent is not None
         while store.status_of(self.id) not in states.TERMINAL:
+            if check_parents:
+                self._reraise_parent_error()
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"The operation timed out ({timeout}s) waiting for {self.id}")
             remaining = ceiling if deadline is None else max(0.0, deadline - time.monotonic())
-            time.sleep(min(pause, ceiling, remaining))
-            pause *= 2
+            if listener is not None:  # PostgreSQL wakes us when the job ends
+                listener.wait(self.id, min(ceiling, remaining))
+            else:
+                time.sleep(min(pause, ceiling, remaining))
+                pause *= 2
         job = self._job()
         assert job is not None
+        if check_parents and job.status != states.SUCCEEDED:
+            self._reraise_parent_error()
         if job.status == states.REVOKED and propagate:
             raise TaskRevokedError(f"task {self.id} was revoked: {job.error or 'revoked'}")
         value = _outcome(job)
@@ -154,6 +166,34 @@ class AsyncResult:
         return value
 
     wait = get
+
+    def maybe_throw(self, propagate: bool = True, **_: Any) -> None:
+        """Raise the job's exception if it has failed (Celery's ``maybe_throw``)."""
+        job = self._job()
+        if propagate and job is not None and job.status == states.FAILED:
+            raise _outcome(job)
+
+    def _reraise_parent_error(self) -> None:
+        """Raise the error of the earliest failed step before this one."""
+        parents = []
+        node = self.parent
+        while node is not None:
+            parents.append(node)
+            node = node.parent
+        for parent in reversed(parents):
+            parent.maybe_throw()
+
+    def revoke(
+        self,
+        connection: Any = None,
+        terminate: bool = False,
+        signal: str | int | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Revoke this job (Celery's ``AsyncResult.revoke``): a job that has not started
+        never will; a running one is killed with ``signal`` only if ``terminate``."""
+        self.app.control.revoke(self.id, terminate=terminate, signal=signal or "SIGTERM")
 
     def forget(self) -> None:
         """Drop the stored result and traceback (Celery's ``forget``). The row itself
@@ -246,6 +286,11 @@ class GroupResult:
         for result in self.results:
             result.forget()
 
+    def maybe_throw(self, propagate: bool = True, **options: Any) -> None:
+        """Raise the first member's exception, if any member has failed."""
+        for result in self.results:
+            result.maybe_throw(propagate=propagate, **options)
+
     def __repr__(self) -> str:
         return f"<GroupResult: {self.id} [{', '.join(str(r.id) for r in self.results)}]>"
 
@@ -286,7 +331,11 @@ class EagerResult:
 
 
 def _progress(job: Job | None) -> dict[str, Any] | None:
-    if job is not None and job.status == states.STARTED and isinstance(job.result, dict):
+    if (
+        job is not None
+        and job.status in (states.STARTED, states.IGNORED)
+        and isinstance(job.result, dict)
+    ):
         if PROGRESS_KEY in job.result:
             return job.result
     return None

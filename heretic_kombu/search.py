@@ -24,7 +24,7 @@ from . import states
 #: Comparison operators a ``where`` clause may use.
 OPERATORS = ("=", "!=", ">", ">=", "<", "<=")
 #: Sort orders: a column, newest/largest first with ``-``.
-ORDERS = ("-id", "id", "-created_at", "created_at")
+ORDERS = ("-created_at", "created_at", "-id", "id")
 
 _PATH = re.compile(r"^(args|kwargs)(\.[A-Za-z0-9_\-]+)+$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -85,7 +85,7 @@ class JobQuery:
     until: dt.datetime | None = None  # created before
     root_id: str | None = None
     group_id: str | None = None
-    order_by: str = "-id"
+    order_by: str = "-created_at"  # newest first, the order the indexes serve
     limit: int = 50
     after: str | None = None  # the cursor of the previous page
 

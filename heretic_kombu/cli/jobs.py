@@ -106,8 +106,8 @@ def jobs() -> None:
 @click.option("--after", help="The cursor printed at the end of the previous page.")
 @click.option(
     "--order",
-    type=click.Choice(["-id", "id", "-created_at", "created_at"]),
-    default="-id",
+    type=click.Choice(["-created_at", "created_at", "-id", "id"]),
+    default="-created_at",
     show_default=True,
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")

@@ -16,6 +16,9 @@ import contextlib
 import dataclasses
 import datetime as dt
 import os
+import select
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from .. import serialization, states
 from ..exceptions import StoreError
 from .tables import (
+    RETIRED_INDEXES,
     SCHEMA_VERSION,
     chords,
     jobs,
@@ -38,6 +42,8 @@ from .tables import (
 
 # Any number; PostgreSQL advisory lock that serialises concurrent `db init`s.
 _INIT_LOCK_KEY = 0x68657265  # "here"
+#: PostgreSQL channel notified with the ids of jobs that ended (wakes ``.get()``).
+DONE_CHANNEL = "heretic_done"
 # PostgreSQL advisory lock held by the one scheduler publishing due jobs at a time.
 _SCHEDULER_LOCK_KEY = 0x68657266
 
@@ -124,6 +130,17 @@ class AttemptResult:
     payload: serialization.RawJSON | None = None  # a retry may change the arguments
 
 
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """One finished attempt to record: which job, which attempt, how it ended, and what
+    its workflow sends next."""
+
+    task_id: str
+    attempt: int
+    outcome: AttemptResult
+    then: NextSteps | None = None
+
+
 @dataclasses.dataclass
 class NextSteps:
     """What a finished attempt sends next, written in the transaction that records it.
@@ -149,6 +166,7 @@ class JobStore:
         self._engine: Engine | None = None
         self._pid = os.getpid()
         self._schema_ready = False
+        self._listeners = threading.local()
 
     # -- engine and schema ------------------------------------------------
 
@@ -162,6 +180,18 @@ class JobStore:
         if self._engine is None:
             self._engine = _create_engine(self.url)
         return self._engine
+
+    def listen(self) -> DoneListener | None:
+        """This thread's listener for jobs ending (PostgreSQL ``LISTEN heretic_done``),
+        started before the caller first reads a status so that no ending is missed;
+        ``None`` on SQLite, where callers poll."""
+        if not self.is_postgresql:
+            return None
+        local = self._listeners
+        listener: DoneListener | None = getattr(local, "listener", None)
+        if listener is None or listener.pid != os.getpid() or listener.closed:
+            listener = local.listener = DoneListener(self.engine)
+        return listener
 
     @property
     def is_postgresql(self) -> bool:
@@ -202,6 +232,13 @@ class JobStore:
                         conn.exec_driver_sql(
                             f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"
                         )
+                indexes = {i["name"] for i in inspector.get_indexes(table.name)}
+                for retired in RETIRED_INDEXES:
+                    if retired in indexes:
+                        conn.exec_driver_sql(f"DROP INDEX {retired}")
+                for index in table.indexes:
+                    if index.name not in indexes:
+                        index.create(conn, checkfirst=True)
             conn.execute(
                 sa.insert(schema_version).values(version=SCHEMA_VERSION, applied_at=utcnow())
             )
@@ -269,18 +306,7 @@ class JobStore:
             )
         rows = []
         for job in new_jobs:
-            values = dataclasses.asdict(job)
-            now = utcnow()
-            values.update(
-                payload=_json_text(job.payload, postgres),
-                workflow=_json_text(job.workflow, postgres),
-                result=_json_text(job.result, postgres),
-                created_at=now,
-                updated_at=now,
-                attempt_logs=[],
-            )
-            if job.status in states.TERMINAL:  # e.g. a chord body failed with its header
-                values["finished_at"] = now
+            values = job_values(job, postgres)
             statement = jobs.insert().values(**values).returning(*jobs.c)
             rows.append(_to_job(conn.execute(statement).one()))
         return rows
@@ -362,11 +388,18 @@ class JobStore:
         passed, and not expired. Returns the claimed row, or ``None`` if there was
         nothing to claim (missing, early, expired, running or finished).
         """
+        return self.claim_many([task_id], worker).get(task_id)
+
+    def claim_many(self, task_ids: Sequence[str], worker: str) -> dict[str, Job]:
+        """:meth:`claim` for a batch of messages, in one statement and one commit;
+        returns the rows claimed, by task id (the others had nothing to claim)."""
+        if not task_ids:
+            return {}
         now = utcnow()
         statement = (
             jobs.update()
             .where(
-                jobs.c.task_id == task_id,
+                jobs.c.task_id.in_(list(task_ids)),
                 sa.or_(
                     jobs.c.status.in_(states.READY),
                     sa.and_(jobs.c.status.in_(states.WAITING), jobs.c.eta <= now),
@@ -385,8 +418,8 @@ class JobStore:
             .returning(*jobs.c)
         )
         with self._write() as conn:
-            row = conn.execute(statement).first()
-        return _to_job(row) if row is not None else None
+            rows = [_to_job(row) for row in conn.execute(statement)]
+        return {row.task_id: row for row in rows}
 
     def revoke_expired(self, task_id: str) -> bool:
         """Mark a runnable job whose ``expires_at`` has passed as ``revoked``."""
@@ -503,15 +536,38 @@ class JobStore:
         current is recorded: returns ``None`` if it was superseded (nothing written),
         else the follow-up rows written, for the caller to publish.
         """
-        now = utcnow()
+        return self.record_attempts([Attempt(task_id, attempt, outcome, then)])[0]
+
+    def record_attempts(self, attempts: Sequence[Attempt]) -> list[list[Job] | None]:
+        """:meth:`record_attempt` for a batch of finished attempts, in one commit; one
+        answer per attempt, in order. On PostgreSQL the commit also notifies
+        ``heretic_done`` with the ids of jobs that ended, which wakes ``.get()``."""
+        if not attempts:
+            return []
+        answers: list[list[Job] | None] = []
+        with self._write() as conn:
+            for item in attempts:
+                answers.append(self._record_one(conn, item))
+            ended = [
+                a.task_id
+                for a, answer in zip(attempts, answers, strict=True)
+                if answer is not None and a.outcome.status in states.TERMINAL
+            ]
+            if ended and conn.dialect.name == "postgresql":
+                conn.execute(sa.select(sa.func.pg_notify(DONE_CHANNEL, ",".join(ended))))
+        return answers
+
+    def _record_one(self, conn: Connection, item: Attempt) -> list[Job] | None:
+        outcome, now = item.outcome, utcnow()
         values: dict[str, Any] = {
             "status": outcome.status,
             "updated_at": now,
             "attempt_logs": self._append(outcome.log_line),
-            "result": outcome.result,
             "error": outcome.error,
             "traceback": outcome.traceback,
         }
+        if outcome.status != states.IGNORED:  # Ignore stores nothing: progress stays
+            values["result"] = outcome.result
         if outcome.status == states.RETRYING:
             values["eta"] = outcome.eta
         else:
@@ -520,17 +576,16 @@ class JobStore:
             values["max_attempts"] = outcome.max_attempts
         if outcome.payload is not None:
             values["payload"] = outcome.payload
-        with self._write() as conn:
-            result = conn.execute(
-                jobs.update()
-                .where(
-                    jobs.c.task_id == task_id,
-                    jobs.c.status == states.STARTED,
-                    jobs.c.attempts == attempt,
-                )
-                .values(**values)
+        result = conn.execute(
+            jobs.update()
+            .where(
+                jobs.c.task_id == item.task_id,
+                jobs.c.status == states.STARTED,
+                jobs.c.attempts == item.attempt,
             )
-            return self._follow_up(conn, then) if result.rowcount else None
+            .values(**values)
+        )
+        return self._follow_up(conn, item.then) if result.rowcount else None
 
     def _follow_up(self, conn: Connection, then: NextSteps | None) -> list[Job]:
         """Write what a finished job sends next, inside the transaction that finished it."""
@@ -591,6 +646,80 @@ class JobStore:
                 )
             )
         return result.rowcount > 0
+
+    # -- control ----------------------------------------------------------
+
+    def revoke(self, task_id: str, terminate: bool, terminated_error: str, by: str) -> str:
+        """Revoke one job (``app.control.revoke``); return what happened to it.
+
+        ``"revoked"``: it had not started (pending, scheduled, queued, retrying) and is now
+        ``revoked`` with error ``"revoked"``: no worker will claim it. ``"terminated"``:
+        it was running, ``terminate`` was asked, and it is now ``revoked`` with
+        ``terminated_error``; its worker kills the process when it sees that. ``"running"``:
+        it is running and left to finish (no ``terminate``), as Celery does.
+        ``"finished"``: it had already ended; nothing changed. ``"missing"``: no such row.
+        Each change appends an ``attempt_logs`` line naming ``by`` (invariant 8).
+        """
+        self.ensure_schema()
+        now = utcnow()
+        with self._write() as conn:
+            waiting = conn.execute(
+                jobs.update()
+                .where(
+                    jobs.c.task_id == task_id,
+                    jobs.c.status.in_(states.READY + states.WAITING),
+                )
+                .values(
+                    status=states.REVOKED,
+                    error="revoked",
+                    finished_at=now,
+                    updated_at=now,
+                    attempt_logs=self._append(f"{_stamp(now)} revoked by {by}"),
+                )
+            )
+            if waiting.rowcount:
+                return "revoked"
+            row = conn.execute(
+                sa.select(jobs.c.status, jobs.c.attempts, jobs.c.worker).where(
+                    jobs.c.task_id == task_id
+                )
+            ).first()
+            if row is None:
+                return "missing"
+            if row.status != states.STARTED:
+                return "finished"
+            if not terminate:
+                return "running"
+            line = log_line(now, row.attempts, row.worker or "?", f"{terminated_error} by {by}")
+            running = conn.execute(
+                jobs.update()
+                .where(
+                    jobs.c.task_id == task_id,
+                    jobs.c.status == states.STARTED,
+                    jobs.c.attempts == row.attempts,
+                )
+                .values(
+                    status=states.REVOKED,
+                    error=terminated_error,
+                    finished_at=now,
+                    updated_at=now,
+                    attempt_logs=self._append(line),
+                )
+            )
+            return "terminated" if running.rowcount else "finished"
+
+    def revoked_among(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """Of ``task_ids`` (the jobs a worker is running), those now ``revoked``, with
+        their ``error`` (which says whether the process is to be terminated)."""
+        if not task_ids:
+            return {}
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(jobs.c.task_id, jobs.c.error).where(
+                    jobs.c.task_id.in_(list(task_ids)), jobs.c.status == states.REVOKED
+                )
+            )
+            return {str(row.task_id): row.error or "" for row in rows}
 
     # -- reading ----------------------------------------------------------
 
@@ -682,6 +811,40 @@ class JobStore:
     def _read(self) -> Iterator[Connection]:
         with _wrap_errors(), self.engine.connect() as conn:
             yield conn
+
+
+class DoneListener:
+    """A connection of its own that LISTENs on ``heretic_done`` (PostgreSQL)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.pid = os.getpid()
+        self._raw = engine.raw_connection()
+        connection: Any = self._raw.driver_connection
+        connection.autocommit = True
+        self._conn = connection
+        with self._conn.cursor() as cursor:
+            cursor.execute(f"LISTEN {DONE_CHANNEL}")
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._conn.closed)
+
+    def wait(self, task_id: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for ``task_id`` to be announced as ended; ``True`` if
+        it was. Other announcements are dropped (their waiters listen themselves)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._conn.poll()
+            except Exception:  # a broken connection: the caller falls back to polling
+                self._raw.invalidate()
+                return False
+            found = any(task_id in n.payload.split(",") for n in self._conn.notifies)
+            self._conn.notifies.clear()
+            remaining = deadline - time.monotonic()
+            if found or remaining <= 0:
+                return found
+            select.select([self._conn], [], [], remaining)
 
 
 def render_postgresql_ddl() -> str:
@@ -780,6 +943,23 @@ def _to_job(row: Any) -> Job:
         data[key] = _aware(data[key])
     data["attempt_logs"] = list(data["attempt_logs"] or [])
     return Job(**data)
+
+
+def job_values(job: NewJob, postgres: bool) -> dict[str, Any]:
+    """The column values of a new row (JSON as text, so any engine stores it alike)."""
+    values = dataclasses.asdict(job)
+    now = utcnow()
+    values.update(
+        payload=_json_text(job.payload, postgres),
+        workflow=_json_text(job.workflow, postgres),
+        result=_json_text(job.result, postgres),
+        created_at=now,
+        updated_at=now,
+        attempt_logs=[],
+    )
+    if job.status in states.TERMINAL:  # e.g. a chord body failed with its header
+        values["finished_at"] = now
+    return values
 
 
 def _json_text(value: serialization.RawJSON | None, postgres: bool) -> Any:
