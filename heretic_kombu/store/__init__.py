@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .beatstore import BeatStore, EntrySpec, EntryState, Firing
 from .jobstore import (
+    Attempt,
     AttemptResult,
     Job,
     JobStore,
@@ -17,6 +18,7 @@ from .tables import SCHEMA_VERSION, jobs
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Attempt",
     "AttemptResult",
     "BeatStore",
     "EntrySpec",

@@ -35,7 +35,7 @@ from ..broker import Delivery, Subscription
 from ..exceptions import EncodeError, MalformedMessage, StoreError, WorkerLostError
 from ..execution import FAILED, IGNORED, LOST, REJECTED, RETRY, SUCCEEDED
 from ..ratelimit import TokenBucket, parse_rate
-from ..store import AttemptResult, Job, NewJob, NextSteps, log_line, utcnow
+from ..store import Attempt, AttemptResult, Job, NewJob, NextSteps, log_line, utcnow
 from ..task import Context
 from .pool import POOLS, Pool
 
@@ -145,18 +145,23 @@ class Worker:
             self._subscription.drain(0.002 if self._running else idle)
             self._record_finished()
         self._release_held()
-        while self._inbox and self.pool.free_slots() > 0 and not self._stopping:
+        # Take as many messages as there are free slots, and claim them in one commit.
+        batch: list[tuple[Delivery, protocol.TaskMessage]] = []
+        while self._inbox and self.pool.free_slots() > len(batch) and not self._stopping:
             delivery = self._inbox.popleft()
             if not self._subscription.is_live(delivery):
                 # Received on a connection since lost: the broker redelivers it on the
                 # new one, where it can be acked (or dead-lettered) after its commit.
                 continue
             try:
-                self._handle(delivery)
+                accepted = self._accept(delivery)
             except Exception as exc:
-                # A bug of ours must not crash every worker the message is redelivered to.
-                logger.exception("unexpected error handling a message")
-                self._dead_letter(delivery, f"internal error: {exc!r}", _header_id(delivery))
+                self._internal_error(delivery, exc)
+                continue
+            if accepted is not None:
+                batch.append(accepted)
+        if batch:
+            self._start_batch(batch)
             self._record_finished()
         self._tick()
         self._apply_revocations()
@@ -191,26 +196,54 @@ class Worker:
 
     # -- one delivery ------------------------------------------------------------
 
-    def _handle(self, delivery: Delivery) -> None:
+    def _accept(self, delivery: Delivery) -> tuple[Delivery, protocol.TaskMessage] | None:
+        """Check a delivery before its claim; ``None`` if it was dealt with here (held by
+        its rate limit, dead-lettered, or a Celery client's job scheduled for later)."""
         if not self._take_token(delivery):
-            return  # rate limited: held, unclaimed, until its task's bucket has a token
+            return None  # rate limited: held, unclaimed, until its task's bucket has a token
         try:
             message = protocol.decode(
                 delivery.body, delivery.content_type, delivery.headers, delivery.priority
             )
         except MalformedMessage as exc:
             self._dead_letter(delivery, str(exc), _header_id(delivery))
-            return
+            return None
         if message.task not in self.app.tasks:
             reason = f"unknown task {message.task!r}: not registered in this worker"
             self._store_call(self.app.store.fail_unhandleable, message.id, reason)
             self._dead_letter(delivery, reason, message.id)
-            return
+            return None
         if message.job_id is None and not self._adopt(delivery, message):
+            return None
+        return delivery, message
+
+    def _start_batch(self, batch: list[tuple[Delivery, protocol.TaskMessage]]) -> None:
+        """Claim a batch of accepted messages in one commit and start the claimed jobs;
+        a message with nothing to claim goes through :meth:`_unclaimed`."""
+        try:
+            claimed = self._store_call(
+                self.app.store.claim_many, [message.id for _, message in batch], self.name
+            )
+        except Exception as exc:
+            for delivery, _ in batch:
+                self._internal_error(delivery, exc)
             return
-        job = self._claim(delivery, message)
-        if job is None:
-            return
+        for delivery, message in batch:
+            try:
+                # pop: a second copy of one job in the same batch finds it claimed.
+                job = claimed.pop(message.id, None) or self._unclaimed(delivery, message)
+                if job is not None:
+                    self._start(delivery, job)
+            except Exception as exc:
+                self._internal_error(delivery, exc)
+
+    def _internal_error(self, delivery: Delivery, exc: Exception) -> None:
+        # A bug of ours must not crash every worker the message is redelivered to.
+        logger.exception("unexpected error handling a message")
+        self._dead_letter(delivery, f"internal error: {exc!r}", _header_id(delivery))
+
+    def _start(self, delivery: Delivery, job: Job) -> None:
+        """Hand a claimed job to a pool slot."""
         logger.info("Task %s[%s] received (attempt %d)", job.task_name, job.task_id, job.attempts)
         self._running[job.task_id] = (delivery, job)
         call = {
@@ -266,11 +299,10 @@ class Worker:
             return False
         return True
 
-    def _claim(self, delivery: Delivery, message: protocol.TaskMessage) -> Job | None:
+    def _unclaimed(self, delivery: Delivery, message: protocol.TaskMessage) -> Job | None:
+        """A message whose job could not be claimed: missing row (dead letter), a copy of a
+        job running here, a lost attempt to recover, or nothing to do (acked)."""
         store = self.app.store
-        job = self._store_call(store.claim, message.id, self.name)
-        if job is not None:
-            return job
         row = self._store_call(store.get, message.id)
         if row is None:
             self._dead_letter(
@@ -377,36 +409,47 @@ class Worker:
     # -- outcomes ------------------------------------------------------------------
 
     def _record_finished(self, block: float | None = None) -> None:
+        """Record every attempt that has ended since the last call (waiting up to
+        ``block`` s for the first), all in one commit, then ack their messages."""
+        finished: list[tuple[Delivery, Job, dict[str, Any]]] = []
         while True:
             try:
                 task_id, outcome = (
                     self._done.get(timeout=block) if block else self._done.get_nowait()
                 )
             except queue.Empty:
-                return
+                break
             block = None
             delivery, job = self._running.pop(task_id)
-            if self._settle_control_outcome(delivery, job, outcome):
-                continue
-            self._record(delivery, job, outcome)
+            if not self._settle_control_outcome(delivery, job, outcome):
+                finished.append((delivery, job, outcome))
+        if finished:
+            self._record(finished)
 
-    def _record(self, delivery: Delivery, job: Job, outcome: dict[str, Any]) -> None:
-        result = self._attempt_result(job, outcome)
-        then = self._next_steps(job, result)
-        followups = self._store_call(
-            self.app.store.record_attempt, job.task_id, job.attempts, result, then
-        )
-        if followups is None:
-            logger.warning(
-                "Task %s[%s] attempt %d was superseded; its outcome is not recorded",
-                job.task_name,
-                job.task_id,
-                job.attempts,
-            )
-        # Only now, with the outcome committed, may the message go (invariant 2).
-        self._subscription.ack(delivery)  # type: ignore[union-attr]
-        if followups:
-            self._deliver(followups)
+    def _record(self, finished: list[tuple[Delivery, Job, dict[str, Any]]]) -> None:
+        results = [self._attempt_result(job, outcome) for _, job, outcome in finished]
+        attempts = [
+            Attempt(job.task_id, job.attempts, result, self._next_steps(job, result))
+            for (_, job, _), result in zip(finished, results, strict=True)
+        ]
+        answers = self._store_call(self.app.store.record_attempts, attempts)
+        for (delivery, job, _), followups in zip(finished, answers, strict=True):
+            if followups is None:
+                logger.warning(
+                    "Task %s[%s] attempt %d was superseded; its outcome is not recorded",
+                    job.task_name,
+                    job.task_id,
+                    job.attempts,
+                )
+            # Only now, with the outcome committed, may the message go (invariant 2).
+            self._subscription.ack(delivery)  # type: ignore[union-attr]
+        for (_, job, outcome), result, followups in zip(finished, results, answers, strict=True):
+            if followups:
+                self._deliver(followups)
+            self._report(job, outcome, result)
+
+    def _report(self, job: Job, outcome: dict[str, Any], result: AttemptResult) -> None:
+        """Log a recorded attempt, and fire ``job_failed`` for a failed one."""
         runtime = outcome.get("runtime") or 0.0
         if result.status == states.SUCCEEDED:
             logger.info("Task %s[%s] succeeded in %.3fs", job.task_name, job.task_id, runtime)
