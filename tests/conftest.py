@@ -60,6 +60,35 @@ def pg_database() -> Iterator[str]:
         admin.close()
 
 
+#: Test modules whose cases also run on the Redis broker: the ones about delivery (the
+#: broker's part). The others (CLI, search, dashboard, beat...) test the database side,
+#: which the broker does not change, so their Redis runs are deselected to keep the
+#: suite's time in check; `HERETIC_TEST_ALL_BACKENDS=1` runs them all.
+REDIS_MODULES = {
+    "test_lifecycle",
+    "test_messages",
+    "test_canvas",
+    "test_control",
+    "test_scheduler",
+    "test_transaction",
+    "test_compat_billing",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("HERETIC_TEST_ALL_BACKENDS") == "1":
+        return
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_redis = callspec is not None and callspec.params.get("backend") == "redis"
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        (dropped if on_redis and module not in REDIS_MODULES else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.fixture(scope="session")
 def redis_broker() -> Iterator[str]:
     """The tests' Redis database, emptied before and after the session."""

@@ -398,3 +398,18 @@ def test_expected_errors_in_throws_are_failures_logged_at_info(app, start_worker
         "the failure's log line",
     )[0]
     assert "INFO" in line and "ERROR" not in line
+
+
+def test_a_10_mb_payload_runs_and_1000_deep_nesting_is_refused(app, start_worker):
+    start_worker()
+    big = "x" * (10 * 1024 * 1024)
+    result = jobs_project.echo.delay(big)
+    assert result.get(timeout=60) == big
+    deep: list = []
+    node = deep
+    for _ in range(1000):
+        node.append([])
+        node = node[0]
+    with pytest.raises(exceptions.EncodeError, match="recursion"):
+        jobs_project.echo.delay(deep)
+    assert [j.task_id for j in app.store.list()] == [result.id]  # nothing half-written
