@@ -96,6 +96,12 @@ class Settings:
     soft_time_limit: float | None = None
     #: Rate limit ("10/s", "100/m", "1000/h") for tasks without their own; per worker.
     default_rate_limit: str = ""
+    #: Workers delete finished jobs older than this ("30d", "12h"); empty keeps them all.
+    prune_older_than: str = ""
+    #: Comma-separated finished statuses the workers' pruning deletes.
+    prune_statuses: str = "succeeded"
+    #: How often a worker prunes, in seconds (several workers pruning at once is harmless).
+    prune_interval: float = 600.0
 
     @classmethod
     def build(
@@ -163,6 +169,22 @@ class Settings:
                 raise ConfigurationError(
                     f"{name} ({env_var(name)}) must be a number of seconds > 0"
                 )
+        if self.prune_older_than:
+            from .search import parse_duration
+
+            try:
+                parse_duration(self.prune_older_than)
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"prune_older_than ({env_var('prune_older_than')}): {exc}"
+                ) from None
+        finished = ("succeeded", "failed", "revoked", "ignored")
+        unknown = [s for s in self.prune_status_list if s not in finished]
+        if unknown or not self.prune_status_list:
+            raise ConfigurationError(
+                f"prune_statuses ({env_var('prune_statuses')}) must name finished statuses"
+                f" ({', '.join(finished)}), not {self.prune_statuses!r}"
+            )
         if self.default_rate_limit:
             from .ratelimit import parse_rate
 
@@ -172,6 +194,11 @@ class Settings:
                 raise ConfigurationError(
                     f"default_rate_limit ({env_var('default_rate_limit')}): {exc}"
                 ) from None
+
+    @property
+    def prune_status_list(self) -> list[str]:
+        """``prune_statuses`` as a list."""
+        return [s.strip() for s in self.prune_statuses.split(",") if s.strip()]
 
     @property
     def effective_concurrency(self) -> int:

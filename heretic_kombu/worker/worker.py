@@ -72,6 +72,7 @@ class Worker:
         self.heartbeat_interval = settings.heartbeat_interval
         self.lease_timeout = dt.timedelta(seconds=settings.lease_timeout)
         self.pending_timeout = dt.timedelta(seconds=settings.pending_timeout)
+        self._next_prune = time.monotonic() + min(60.0, settings.prune_interval)
         self._next_reconcile = 0.0
         self._heartbeat_stop = threading.Event()
         self._inbox: collections.deque[Delivery] = collections.deque()
@@ -774,6 +775,8 @@ class Worker:
         if time.monotonic() >= self._next_reconcile:
             self._next_reconcile = time.monotonic() + self.heartbeat_interval
             self._reconcile()
+        if time.monotonic() >= self._next_prune:
+            self._prune()
         if time.monotonic() < self._next_tick:
             return
         self._next_tick = time.monotonic() + self.scheduler_interval
@@ -784,6 +787,28 @@ class Worker:
             return
         if count:
             logger.info("scheduler: published %d due job(s)", count)
+
+    def _prune(self) -> None:
+        """Retention: delete finished jobs older than ``prune_older_than`` (if set), a
+        batch per transaction, like ``heretic prune``."""
+        settings = self.app.settings
+        self._next_prune = time.monotonic() + settings.prune_interval
+        if not settings.prune_older_than:
+            return
+        try:
+            deleted = self.app.jobs.prune(
+                settings.prune_older_than, status=settings.prune_status_list
+            )
+        except Exception as exc:  # database down: the next round tries again
+            logger.warning("pruning failed (%r)", exc)
+            return
+        if deleted:
+            logger.info(
+                "pruned %d %s job(s) older than %s",
+                deleted,
+                "/".join(settings.prune_status_list),
+                settings.prune_older_than,
+            )
 
     # -- leases and the reconciler -----------------------------------------------------
 

@@ -159,3 +159,30 @@ def test_dead_letters_list_show_and_replay(app, backend, start_worker):
     assert lost.get(timeout=30) == "late x"
     assert "retried by dead-letter replay" in " ".join(app.jobs.get(lost.id).attempt_logs)
     assert app.jobs.dead_letters() == []
+
+
+def test_workers_prune_old_finished_jobs_when_configured(app, start_worker, monkeypatch):
+    monkeypatch.setenv("HERETIC_PRUNE_OLDER_THAN", "1s")
+    monkeypatch.setenv("HERETIC_PRUNE_INTERVAL", "0.3")
+    monkeypatch.setenv("HERETIC_PRUNE_STATUSES", "succeeded")
+    worker = start_worker()
+    done = jobs_project.add.delay(1, 1)
+    assert done.get(timeout=30) == 2
+    failed = ct.explode.delay(1)
+    with pytest.raises(ValueError):
+        failed.get(timeout=30)
+    later = jobs_project.add.apply_async((2, 2), countdown=3600)
+    wait_for(lambda: app.jobs.get(done.id) is None, 30, "the succeeded job to be pruned")
+    assert app.jobs.get(failed.id).status == states.FAILED  # not in prune_statuses
+    assert app.jobs.get(later.id).status == states.SCHEDULED  # unfinished: never pruned
+    assert "pruned 1 succeeded job(s) older than 1s" in worker.log()
+
+
+def test_bad_prune_settings_are_refused(monkeypatch):
+    from heretic_kombu.config import Settings
+    from heretic_kombu.exceptions import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="prune_older_than"):
+        Settings.build({"prune_older_than": "soon"}, env={})
+    with pytest.raises(ConfigurationError, match="prune_statuses"):
+        Settings.build({"prune_statuses": "succeeded,queued"}, env={})
