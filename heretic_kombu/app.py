@@ -354,32 +354,12 @@ class Heretic:
             raise TypeError("kwargs must be a dict with string keys")
         if self.settings.always_eager and name in self.tasks:
             return self._run_eagerly(name, args, kwargs, task_id)
-        link, link_error = options.pop("link", None), options.pop("link_error", None)
-        if link or link_error:  # callbacks make it a signature: plan it as one
-            sig = canvas.Signature(name, args, kwargs, app=self)
-            for callback in _as_list(link):
-                sig.link(canvas.signature(callback, app=self))
-            for errback in _as_list(link_error):
-                sig.link_error(canvas.signature(errback, app=self))
-            sig.set(
-                task_id=task_id,
-                countdown=countdown,
-                eta=eta,
-                expires=expires,
-                queue=queue,
-                priority=priority,
-                max_attempts=max_attempts,
-                **options,
-            )
-            return self.apply_signature(sig)  # type: ignore[no-any-return]
-        parent = current_request()
-        parent_id = root_id = None
-        if parent is not None and not parent.called_directly:  # sent from inside a task
-            parent_id, root_id = parent.id, parent.root_id or parent.id
-        job = self.build_job(
-            name,
-            args,
-            kwargs,
+        sig = canvas.Signature(name, args, kwargs, app=self)
+        for callback in _as_list(options.pop("link", None)):
+            sig.link(canvas.signature(callback, app=self))
+        for errback in _as_list(options.pop("link_error", None)):
+            sig.link_error(canvas.signature(errback, app=self))
+        sig.set(
             task_id=task_id,
             countdown=countdown,
             eta=eta,
@@ -387,12 +367,9 @@ class Heretic:
             queue=queue,
             priority=priority,
             max_attempts=max_attempts,
-            parent_id=parent_id,
-            root_id=root_id,
             **options,
         )
-        self.submit(canvas.Plan(jobs=[job]))
-        return AsyncResult(job.task_id, app=self, task_name=name)
+        return self._send(sig)  # type: ignore[no-any-return]
 
     def build_job(
         self,
@@ -474,6 +451,10 @@ class Heretic:
         written in one transaction, then the messages are published."""
         if self.settings.always_eager:
             return canvas.apply_eagerly(sig)
+        return self._send(sig)
+
+    def _send(self, sig: canvas.Signature) -> Any:
+        """Plan ``sig`` under the task sending it (if any), write, publish."""
         parent = current_request()
         lineage = canvas.Lineage()
         if parent is not None and not parent.called_directly:

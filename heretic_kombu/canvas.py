@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from . import failure, protocol, serialization, states
 from .exceptions import ChordError
+from .result import AsyncResult, EagerResult, GroupResult
 
 if TYPE_CHECKING:
     from .app import Heretic
-    from .result import AsyncResult, GroupResult
     from .store import Job, NewJob, NextSteps
     from .task import Task
 
@@ -307,8 +307,6 @@ class group(Signature):  # noqa: N801 - Celery's name
 
     def freeze(self, _id: str | None = None, group_id: str | None = None, **_: Any) -> Any:
         """Fix the group's id and every member's; return the :class:`GroupResult`."""
-        from .result import GroupResult
-
         gid = _id or self.id or protocol.new_task_id()
         self.options["task_id"] = gid
         self.kwargs["tasks"] = members = [signature(t, app=self._app) for t in self.tasks]
@@ -494,7 +492,7 @@ def _plan_task(app: Heretic, sig: Signature, lineage: Lineage) -> tuple[Plan, As
         workflow=encoded,
         **options,
     )
-    result = app.AsyncResult(job.task_id)
+    result = AsyncResult(job.task_id, app=app, task_name=sig.name)
     return Plan(jobs=[job]), result
 
 
@@ -535,8 +533,6 @@ def _upgrade_chain(steps: Sequence[Signature], app: Heretic) -> list[Signature]:
 
 
 def _plan_group(app: Heretic, sig: group, lineage: Lineage) -> tuple[Plan, GroupResult]:
-    from .result import GroupResult
-
     group_id = sig.options.get("task_id") or protocol.new_task_id()
     extra = _call_options(sig.options)
     total = Plan()
@@ -584,8 +580,6 @@ def _plan_chord(app: Heretic, sig: chord, lineage: Lineage) -> tuple[Plan, Any]:
         planned, handle = plan(app, member, lineage)
         total.extend(planned)
         header_results.append(handle)
-    from .result import GroupResult
-
     body_result.parent = GroupResult(group_id, header_results, app=app)
     return total, body_result
 
@@ -692,6 +686,7 @@ def _never_run(
             error=error,
             result=serialization.dumps(meta) if meta is not None else None,
             workflow=None,
+            note=f"an earlier step of its chain failed: {error}",
         )
     ]
 
@@ -712,6 +707,7 @@ def _failed_body(
         error=failure.summary(exc),
         result=serialization.dumps(failure.describe(exc)),
         workflow=None,
+        note=f"chord header job {failed_id} failed",
     )
     rows = [row]
     errback_lineage = Lineage(parent_id=row.task_id, root_id=lineage.root_id)
@@ -726,8 +722,6 @@ def _failed_body(
 
 def apply_eagerly(sig: Signature) -> Any:
     """Run a signature and what follows it in this process; return the last result."""
-    from .result import EagerResult, GroupResult
-
     if isinstance(sig, chain):
         value: Any = None
         result: Any = None
@@ -749,6 +743,8 @@ def apply_eagerly(sig: Signature) -> Any:
     for follower in followers:
         argument = outcome.result if outcome.successful() else outcome.id
         apply_eagerly(signature(follower, app=sig.app).clone([argument]))
+    if outcome.failed() and sig.app.settings.eager_propagates:
+        raise outcome.result  # Celery's task_eager_propagates, for canvases as for tasks
     return outcome
 
 

@@ -263,13 +263,15 @@ class Broker:
         """Start consuming ``queues``; ``on_delivery`` is called from :meth:`Subscription.drain`."""
         return Subscription(self, list(queues), on_delivery, prefetch)
 
-    def queue_size(self, name: str) -> int:
-        """Messages ready in queue ``name`` (declares it if missing)."""
+    def queue_size(self, name: str, dead: bool = False) -> int:
+        """Messages ready in queue ``name``, or in its dead-letter queue with ``dead``
+        (declares the pair if missing). Counting takes no message."""
         with self.connect() as connection:
             channel = connection.default_channel
             self.declare(channel, name)
+            queue = self.dead_queue(name) if dead else self.queue(name)
             try:
-                _, count, _ = self.queue(name)(channel).queue_declare(passive=True)
+                _, count, _ = queue(channel).queue_declare(passive=True)
             except connection.channel_errors as exc:
                 # Redis keeps no empty queues: a declared queue with nothing in it is "missing".
                 if "NOT_FOUND" in str(exc):

@@ -98,7 +98,7 @@ def overview(app: Heretic, now: dt.datetime | None = None) -> Overview:
         if broker_error is None:
             try:
                 ready = app.broker.queue_size(name)
-                dead = dead_letter_count(app, name)
+                dead = app.broker.queue_size(name, dead=True)
             except Exception as exc:  # the page still shows the table's side
                 broker_error = f"{type(exc).__name__}: {exc}"
                 logger.warning("dashboard: broker did not answer: %s", broker_error)
@@ -109,23 +109,6 @@ def overview(app: Heretic, now: dt.datetime | None = None) -> Overview:
     ]
     chart = charts.throughput(stats.per_minute, now)
     return Overview(stats, chart, tasks, statuses, queues, workers, broker_error)
-
-
-def dead_letter_count(app: Heretic, queue: str) -> int:
-    """Messages in ``queue``'s dead-letter queue, counted by the broker without taking
-    any (a passive declare), after declaring the queue pair as every heretic client
-    does."""
-    broker = app.broker
-    with broker.connect() as connection:
-        channel = connection.default_channel
-        broker.declare(channel, queue)
-        try:
-            _, count, _ = broker.dead_queue(queue)(channel).queue_declare(passive=True)
-        except connection.channel_errors as exc:
-            if "NOT_FOUND" in str(exc):  # Redis keeps no empty queue
-                return 0
-            raise
-        return int(count)
 
 
 def lineage(app: Heretic, job: Job) -> Lineage:
@@ -173,7 +156,7 @@ def metrics(app: Heretic, now: dt.datetime | None = None) -> MetricsData:
     try:
         for name in known_queues(app):
             ready[name] = app.broker.queue_size(name)
-            dead[name] = dead_letter_count(app, name)
+            dead[name] = app.broker.queue_size(name, dead=True)
     except Exception as exc:
         logger.warning("dashboard: broker did not answer for /metrics: %s", exc)
         broker_up = False
@@ -193,7 +176,6 @@ __all__ = [
     "MetricsData",
     "Overview",
     "QueueRow",
-    "dead_letter_count",
     "known_queues",
     "lineage",
     "metrics",

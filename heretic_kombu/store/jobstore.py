@@ -111,9 +111,11 @@ class NewJob:
     attempts: int = 0
     #: Canvas links, Celery's embed keys: callbacks, errbacks, chain, chord.
     workflow: serialization.RawJSON | None = None
-    #: Set only for a row written already finished (a chord body failed by its header).
+    #: Set only for a row written already finished (a chord body failed by its header),
+    #: with ``note``, its one ``attempt_logs`` line saying why it never ran.
     result: serialization.RawJSON | None = None
     error: str | None = None
+    note: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,13 +465,7 @@ class JobStore:
             )
         with self._write() as conn:
             result = conn.execute(
-                jobs.update()
-                .where(
-                    jobs.c.task_id == job.task_id,
-                    jobs.c.status == states.STARTED,
-                    jobs.c.attempts == job.attempts,
-                )
-                .values(**values)
+                jobs.update().where(_current_attempt(job.task_id, job.attempts)).values(**values)
             )
             return self._follow_up(conn, then) if result.rowcount else None
 
@@ -577,13 +573,7 @@ class JobStore:
         if outcome.payload is not None:
             values["payload"] = outcome.payload
         result = conn.execute(
-            jobs.update()
-            .where(
-                jobs.c.task_id == item.task_id,
-                jobs.c.status == states.STARTED,
-                jobs.c.attempts == item.attempt,
-            )
-            .values(**values)
+            jobs.update().where(_current_attempt(item.task_id, item.attempt)).values(**values)
         )
         return self._follow_up(conn, item.then) if result.rowcount else None
 
@@ -693,11 +683,7 @@ class JobStore:
             line = log_line(now, row.attempts, row.worker or "?", f"{terminated_error} by {by}")
             running = conn.execute(
                 jobs.update()
-                .where(
-                    jobs.c.task_id == task_id,
-                    jobs.c.status == states.STARTED,
-                    jobs.c.attempts == row.attempts,
-                )
+                .where(_current_attempt(task_id, row.attempts))
                 .values(
                     status=states.REVOKED,
                     error=terminated_error,
@@ -945,9 +931,18 @@ def _to_job(row: Any) -> Job:
     return Job(**data)
 
 
+def _current_attempt(task_id: str, attempt: int) -> Any:
+    """The row of ``task_id`` while attempt number ``attempt`` is still running: what
+    every statement closing an attempt is conditional on (a stale one changes nothing)."""
+    return sa.and_(
+        jobs.c.task_id == task_id, jobs.c.status == states.STARTED, jobs.c.attempts == attempt
+    )
+
+
 def job_values(job: NewJob, postgres: bool) -> dict[str, Any]:
     """The column values of a new row (JSON as text, so any engine stores it alike)."""
     values = dataclasses.asdict(job)
+    note = values.pop("note")
     now = utcnow()
     values.update(
         payload=_json_text(job.payload, postgres),
@@ -955,7 +950,7 @@ def job_values(job: NewJob, postgres: bool) -> dict[str, Any]:
         result=_json_text(job.result, postgres),
         created_at=now,
         updated_at=now,
-        attempt_logs=[],
+        attempt_logs=[f"{_stamp(now)} not run: {note}"] if note else [],
     )
     if job.status in states.TERMINAL:  # e.g. a chord body failed with its header
         values["finished_at"] = now

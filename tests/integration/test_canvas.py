@@ -63,6 +63,7 @@ def test_a_failing_step_stops_the_chain_and_calls_its_errback(app, start_worker)
         result.get(timeout=30)
     never = app.store.get(result.id)
     assert never.status == states.FAILED and never.attempts == 0
+    assert len(never.attempt_logs) == 1 and "not run: an earlier step" in never.attempt_logs[0]
     assert never.parent_id == failing.id
 
 
@@ -114,6 +115,7 @@ def test_chord_header_failure_fails_the_body_and_calls_its_errback(app, start_wo
         result.get(timeout=30, follow_parents=False)
     row = app.store.get(result.id)
     assert row.status == states.FAILED and row.attempts == 0  # never ran
+    assert "not run: chord header job" in row.attempt_logs[0]
     errback = wait_for(lambda: result.children, 30, "the body's errback")
     assert errback[0].get(timeout=30) == f"errback got {result.id}"
 

@@ -133,3 +133,11 @@ def test_eager_links(app):
     failing.link_error(app.seen.s())
     outcome = failing.apply()
     assert outcome.failed() and isinstance(outcome.result, KeyError)
+
+
+def test_eager_canvas_propagates_when_asked(app):
+    app.conf.update(task_always_eager=True, task_eager_propagates=True)
+    with pytest.raises(KeyError, match="nope"):
+        (app.add.s(1, 1) | app.fail.s()).apply_async()
+    with pytest.raises(KeyError, match="nope"):
+        app.fail.apply_async(link=app.add.s(1))
