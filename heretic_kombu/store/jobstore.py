@@ -316,9 +316,7 @@ class JobStore:
     def insert_if_missing(self, job: NewJob) -> None:
         """Write the row for a job that arrived without one (sent by a Celery client)."""
         self.ensure_schema()
-        values = dataclasses.asdict(job)
-        now = utcnow()
-        values.update(payload=job.payload, created_at=now, updated_at=now, attempt_logs=[])
+        values = job_values(job, self.is_postgresql)
         insert = (postgresql.insert if self.is_postgresql else sqlite.insert)(jobs).values(**values)
         with self._write() as conn:
             conn.execute(insert.on_conflict_do_nothing(index_elements=["task_id"]))
