@@ -9,7 +9,10 @@ the job's history:
   at once with error ``"revoked"``; its message, if one is queued, finds nothing to
   claim when a worker receives it, and the worker acks it and sends ``task_revoked``;
 - a running job is left running unless ``terminate=True``, as in Celery; its outcome is
-  recorded normally;
+  recorded normally. A job a worker has claimed with its prefetch but not started yet
+  is ``started`` in its row too: the row notes the request (error
+  ``"revoke requested"``), and that worker drops the job at its next heartbeat, as
+  Celery drops a revoked reserved task: it ends ``revoked``, the attempt uncounted;
 - with ``terminate=True`` a running job becomes ``revoked`` with error
   ``"terminated (SIGTERM)"`` (the signal named); the worker running it learns this at
   its next heartbeat (``heartbeat_interval``), kills the pool process with that

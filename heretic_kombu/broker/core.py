@@ -388,7 +388,9 @@ class Subscription:
         return on_message
 
     def drain(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for deliveries and hand them to the callback.
+        """Wait up to ``timeout`` seconds for deliveries and hand them all to the
+        callback: the first one waited for, then every one already received (up to the
+        prefetch count), so that the worker can claim them in one statement.
 
         A lost connection (or channel) is reopened with backoff, the topology declared
         again and consuming resumed. While the broker cannot be reached, this returns
@@ -400,6 +402,8 @@ class Subscription:
         lost: tuple[type[BaseException], ...] = (OSError, *self._recoverable_errors())
         try:
             self._connection.drain_events(timeout=timeout)
+            for _ in range(self._prefetch):  # one event per call; take what is there
+                self._connection.drain_events(timeout=0)
         except TimeoutError:
             return
         except lost as exc:

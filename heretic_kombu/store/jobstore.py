@@ -44,6 +44,9 @@ from .tables import (
 _INIT_LOCK_KEY = 0x68657265  # "here"
 #: PostgreSQL channel notified with the ids of jobs that ended (wakes ``.get()``).
 DONE_CHANNEL = "heretic_done"
+#: The ``error`` of a ``started`` row revoked without ``terminate``: a worker that has
+#: claimed the job but not started it yet drops it; a running job runs to its end.
+REVOKE_REQUESTED = "revoke requested"
 # PostgreSQL advisory lock held by the one scheduler publishing due jobs at a time.
 _SCHEDULER_LOCK_KEY = 0x68657266
 
@@ -393,32 +396,25 @@ class JobStore:
     def claim_many(self, task_ids: Sequence[str], worker: str) -> dict[str, Job]:
         """:meth:`claim` for a batch of messages, in one statement and one commit;
         returns the rows claimed, by task id (the others had nothing to claim)."""
+        return self.record_and_claim([], task_ids, worker)[1]
+
+    def record_and_claim(
+        self, attempts: Sequence[Attempt], task_ids: Sequence[str], worker: str
+    ) -> tuple[list[list[Job] | None], dict[str, Job]]:
+        """:meth:`record_attempts` and :meth:`claim_many` in one transaction: a worker
+        pays one commit per turn of its loop for what ended and what arrived."""
+        if not attempts and not task_ids:
+            return [], {}
+        with self._write() as conn:
+            answers = self._record_in(conn, attempts)
+            claimed = self._claim_in(conn, task_ids, worker)
+        return answers, claimed
+
+    def _claim_in(self, conn: Connection, task_ids: Sequence[str], worker: str) -> dict[str, Job]:
         if not task_ids:
             return {}
-        now = utcnow()
-        statement = (
-            jobs.update()
-            .where(
-                jobs.c.task_id.in_(list(task_ids)),
-                sa.or_(
-                    jobs.c.status.in_(states.READY),
-                    sa.and_(jobs.c.status.in_(states.WAITING), jobs.c.eta <= now),
-                ),
-                sa.or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > now),
-            )
-            .values(
-                status=states.STARTED,
-                attempts=jobs.c.attempts + 1,
-                worker=worker,
-                started_at=now,
-                last_attempted_at=now,
-                finished_at=None,
-                updated_at=now,
-            )
-            .returning(*jobs.c)
-        )
-        with self._write() as conn:
-            rows = [_to_job(row) for row in conn.execute(statement)]
+        params = {"task_ids": list(task_ids), "worker": worker, "now": utcnow()}
+        rows = [_to_job(row) for row in conn.execute(_CLAIM, params)]
         return {row.task_id: row for row in rows}
 
     def revoke_expired(self, task_id: str) -> bool:
@@ -466,6 +462,27 @@ class JobStore:
                 jobs.update().where(_current_attempt(job.task_id, job.attempts)).values(**values)
             )
             return self._follow_up(conn, then) if result.rowcount else None
+
+    def release_unstarted(self, claims: Sequence[tuple[str, int]]) -> int:
+        """Undo claims whose jobs never started (a worker's warm shutdown): each row,
+        if still in that attempt, is ``queued`` again with the attempt uncounted, ready
+        for its message's redelivery. Returns how many rows were released."""
+        released = 0
+        with self._write() as conn:
+            for task_id, attempt in claims:
+                result = conn.execute(
+                    jobs.update()
+                    .where(_current_attempt(task_id, attempt))
+                    .values(
+                        status=states.QUEUED,
+                        attempts=attempt - 1,
+                        worker=None,
+                        started_at=None,
+                        updated_at=utcnow(),
+                    )
+                )
+                released += result.rowcount
+        return released
 
     def set_progress(self, task_id: str, progress: serialization.RawJSON) -> bool:
         """Store a running job's custom state and meta (``Task.update_state``) in ``result``;
@@ -536,20 +553,45 @@ class JobStore:
         """:meth:`record_attempt` for a batch of finished attempts, in one commit; one
         answer per attempt, in order. On PostgreSQL the commit also notifies
         ``heretic_done`` with the ids of jobs that ended, which wakes ``.get()``."""
+        return self.record_and_claim(attempts, [], "")[0]
+
+    def _record_in(self, conn: Connection, attempts: Sequence[Attempt]) -> list[list[Job] | None]:
         if not attempts:
             return []
         answers: list[list[Job] | None] = []
-        with self._write() as conn:
+        if conn.dialect.name == "postgresql":
+            recorded = self._record_batch(conn, attempts)  # also notifies heretic_done
+            for item in attempts:
+                current = item.task_id in recorded
+                answers.append(self._follow_up(conn, item.then) if current else None)
+        else:
             for item in attempts:
                 answers.append(self._record_one(conn, item))
-            ended = [
-                a.task_id
-                for a, answer in zip(attempts, answers, strict=True)
-                if answer is not None and a.outcome.status in states.TERMINAL
-            ]
-            if ended and conn.dialect.name == "postgresql":
-                conn.execute(sa.select(sa.func.pg_notify(DONE_CHANNEL, ",".join(ended))))
         return answers
+
+    def _record_batch(self, conn: Connection, attempts: Sequence[Attempt]) -> set[str]:
+        """PostgreSQL: record every attempt with one UPDATE over arrays of their values
+        (one statement for the batch, whatever its size), which also notifies
+        ``heretic_done`` of each job that ended; returns the task ids whose attempt was
+        current, and so recorded. The same columns as :meth:`_record_one`."""
+        outcomes = [item.outcome for item in attempts]
+        rows = conn.execute(
+            _RECORD_BATCH,
+            {
+                "now": utcnow(),
+                "task_ids": [item.task_id for item in attempts],
+                "attempts": [item.attempt for item in attempts],
+                "statuses": [o.status for o in outcomes],
+                "results": [None if o.result is None else str(o.result) for o in outcomes],
+                "errors": [o.error for o in outcomes],
+                "tracebacks": [o.traceback for o in outcomes],
+                "lines": [o.log_line for o in outcomes],
+                "etas": [o.eta if o.status == states.RETRYING else None for o in outcomes],
+                "max_attempts": [o.max_attempts for o in outcomes],
+                "payloads": [None if o.payload is None else str(o.payload) for o in outcomes],
+            },
+        )
+        return {str(row[0]) for row in rows}
 
     def _record_one(self, conn: Connection, item: Attempt) -> list[Job] | None:
         outcome, now = item.outcome, utcnow()
@@ -677,6 +719,19 @@ class JobStore:
             if row.status != states.STARTED:
                 return "finished"
             if not terminate:
+                # Claimed by a worker: if it has not started yet it never will (see
+                # revoke_unstarted); if it runs, it runs to its end, as in Celery.
+                conn.execute(
+                    jobs.update()
+                    .where(_current_attempt(task_id, row.attempts))
+                    .values(
+                        error=REVOKE_REQUESTED,
+                        updated_at=now,
+                        attempt_logs=self._append(
+                            f"{_stamp(now)} revoke requested by {by}: runs to its end if started"
+                        ),
+                    )
+                )
                 return "running"
             line = log_line(now, row.attempts, row.worker or "?", f"{terminated_error} by {by}")
             running = conn.execute(
@@ -693,17 +748,44 @@ class JobStore:
             return "terminated" if running.rowcount else "finished"
 
     def revoked_among(self, task_ids: Sequence[str]) -> dict[str, str]:
-        """Of ``task_ids`` (the jobs a worker is running), those now ``revoked``, with
-        their ``error`` (which says whether the process is to be terminated)."""
+        """Of ``task_ids`` (the jobs a worker has claimed), those now ``revoked``, with
+        their ``error`` (which says whether the process is to be terminated), and those
+        whose revocation was requested (error :data:`REVOKE_REQUESTED`)."""
         if not task_ids:
             return {}
         with self._read() as conn:
             rows = conn.execute(
                 sa.select(jobs.c.task_id, jobs.c.error).where(
-                    jobs.c.task_id.in_(list(task_ids)), jobs.c.status == states.REVOKED
+                    jobs.c.task_id.in_(list(task_ids)),
+                    sa.or_(
+                        jobs.c.status == states.REVOKED,
+                        sa.and_(jobs.c.status == states.STARTED, jobs.c.error == REVOKE_REQUESTED),
+                    ),
                 )
             )
             return {str(row.task_id): row.error or "" for row in rows}
+
+    def revoke_unstarted(self, task_id: str, attempt: int, worker: str) -> bool:
+        """A job revoked while claimed by ``worker`` but not started: ``revoked``, with
+        the attempt uncounted (it never ran). ``False`` if it was no longer in that claim."""
+        now = utcnow()
+        with self._write() as conn:
+            result = conn.execute(
+                jobs.update()
+                .where(_current_attempt(task_id, attempt))
+                .values(
+                    status=states.REVOKED,
+                    error="revoked",
+                    attempts=attempt - 1,
+                    started_at=None,
+                    finished_at=now,
+                    updated_at=now,
+                    attempt_logs=self._append(
+                        f"{_stamp(now)} revoked: dropped by {worker} before it started"
+                    ),
+                )
+            )
+        return result.rowcount > 0
 
     # -- reading ----------------------------------------------------------
 
@@ -880,12 +962,42 @@ def _create_engine(url: str) -> Engine:
         )
         _tune_sqlite(engine)
         return engine
-    return sa.create_engine(
+    engine = sa.create_engine(
         url_obj,
         json_serializer=serialization.engine_serializer,
         json_deserializer=serialization.loads,
-        pool_pre_ping=True,
     )
+    _ping_when_idle(engine)
+    return engine
+
+
+#: A pooled connection unused for longer than this is pinged before it is handed out.
+PING_AFTER_IDLE = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Check a pooled connection before use only if it sat idle for a while.
+
+    SQLAlchemy's ``pool_pre_ping`` pings at every checkout: one more round trip for each
+    statement of a busy worker or producer, most of the cost of a one-row write. A
+    connection used a moment ago is as good as the ping would say; one left idle (the
+    server may have restarted, a proxy may have cut it) is pinged, and replaced if dead.
+    """
+
+    @sa.event.listens_for(engine, "checkin")
+    def _on_checkin(dbapi_conn: Any, record: Any) -> None:
+        record.info["heretic_idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get("heretic_idle_since")
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            # The pool discards this connection and checks out another (a new one).
+            raise sa.exc.DisconnectionError(f"pooled connection is dead: {exc!r}") from exc
 
 
 def _tune_sqlite(engine: Engine) -> None:
@@ -927,6 +1039,65 @@ def _to_job(row: Any) -> Job:
         data[key] = _aware(data[key])
     data["attempt_logs"] = list(data["attempt_logs"] or [])
     return Job(**data)
+
+
+# The claim (invariant 3), built once: the hot path only binds its parameters.
+# Runnable: pending/queued, or scheduled/retrying whose eta has passed; never expired.
+_CLAIM = (
+    jobs.update()
+    .where(
+        jobs.c.task_id.in_(sa.bindparam("task_ids", expanding=True)),
+        sa.or_(
+            jobs.c.status.in_(states.READY),
+            sa.and_(jobs.c.status.in_(states.WAITING), jobs.c.eta <= sa.bindparam("now")),
+        ),
+        sa.or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > sa.bindparam("now")),
+    )
+    .values(
+        status=states.STARTED,
+        attempts=jobs.c.attempts + 1,
+        worker=sa.bindparam("worker"),
+        started_at=sa.bindparam("now"),
+        last_attempted_at=sa.bindparam("now"),
+        finished_at=None,
+        updated_at=sa.bindparam("now"),
+    )
+    .returning(*jobs.c)
+)
+
+# record_attempts on PostgreSQL: the values of every attempt come as parallel arrays,
+# so the statement's text (and its plan) is the same for any batch size. Like
+# _record_one: ``ignored`` keeps the stored result, ``retrying`` sets the eta instead of
+# finished_at, a retry may raise max_attempts or replace the payload. Each job that
+# ended is announced on heretic_done, delivered with the commit (wakes ``.get()``).
+_RECORD_BATCH = sa.text(
+    f"""
+WITH recorded AS (
+UPDATE heretic_jobs AS j SET
+    status = v.status,
+    result = CASE WHEN v.status = 'ignored' THEN j.result ELSE CAST(v.result AS jsonb) END,
+    error = v.error,
+    traceback = v.traceback,
+    attempt_logs = array_append(j.attempt_logs, v.line),
+    eta = CASE WHEN v.status = 'retrying' THEN v.eta ELSE j.eta END,
+    finished_at = CASE WHEN v.status = 'retrying' THEN j.finished_at ELSE :now END,
+    max_attempts = COALESCE(v.max_attempts, j.max_attempts),
+    payload = COALESCE(CAST(v.payload AS jsonb), j.payload),
+    updated_at = :now
+FROM unnest(
+    CAST(:task_ids AS uuid[]), CAST(:attempts AS integer[]), CAST(:statuses AS text[]),
+    CAST(:results AS text[]), CAST(:errors AS text[]), CAST(:tracebacks AS text[]),
+    CAST(:lines AS text[]), CAST(:etas AS timestamptz[]), CAST(:max_attempts AS integer[]),
+    CAST(:payloads AS text[])
+) AS v(task_id, attempt, status, result, error, traceback, line, eta, max_attempts, payload)
+WHERE j.task_id = v.task_id AND j.attempts = v.attempt AND j.status = 'started'
+RETURNING j.task_id, j.status
+)
+SELECT task_id, CASE WHEN status IN ({", ".join(f"'{s}'" for s in sorted(states.TERMINAL))})
+    THEN pg_notify('{DONE_CHANNEL}', CAST(task_id AS text)) END
+FROM recorded
+"""
+)
 
 
 def _current_attempt(task_id: str, attempt: int) -> Any:

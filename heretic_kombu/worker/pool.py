@@ -3,9 +3,12 @@
 Three pools, Celery's names: ``prefork`` (child processes, the default), ``threads``
 and ``solo`` (inline, in the consuming thread). Each runs
 :func:`heretic_kombu.execution.execute` on a JSON-able call and hands the outcome to a
-callback. The worker only submits when :meth:`Pool.free_slots` says a slot is free, so
-pools keep no queue of their own: a prefetched message is never claimed before a slot
-can run it.
+callback.
+
+The worker claims every prefetched message it can in one statement and submits the
+claimed jobs at once; a pool queues what it cannot start yet and starts the next call
+the moment a slot frees (the prefork pool does it from its reader thread), so a slot
+never waits for the worker's main thread, which may be busy committing.
 
 The prefork pool talks to each child over a pipe in JSON (no pickle crosses it), knows
 which job each child runs, and reports a child that dies mid-job as a ``lost`` outcome
@@ -14,6 +17,7 @@ for that job alone.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import multiprocessing
@@ -49,11 +53,12 @@ class Pool:
         """Prepare the slots (prefork forks its children here)."""
 
     def free_slots(self) -> int:
-        """How many calls could start now."""
+        """How many more calls could start now (none are queued)."""
         raise NotImplementedError
 
     def submit(self, call: dict[str, Any], on_done: Callback) -> None:
-        """Start ``call`` in a free slot; ``on_done(outcome)`` runs when it ends."""
+        """Run ``call`` in a slot, now or when one frees, in order of submission;
+        ``on_done(outcome)`` runs when it ends."""
         raise NotImplementedError
 
     def maintain(self) -> None:
@@ -70,6 +75,16 @@ class Pool:
     def terminate_job(self, task_id: str, signum: int) -> bool:
         """Send ``signum`` to the process running ``task_id``; ``False`` if this pool
         cannot (threads, solo) or does not run that job now."""
+        return False
+
+    def take_queued(self) -> list[dict[str, Any]]:
+        """Remove the calls submitted but not started, and return them (a warm
+        shutdown hands their jobs back instead of running them)."""
+        return []
+
+    def take_unstarted(self, task_id: str) -> bool:
+        """Remove the call of ``task_id`` if it has not started; ``True`` if removed
+        (its ``on_done`` is never called)."""
         return False
 
 
@@ -92,10 +107,11 @@ class ThreadPool(Pool):
         )
         self._busy = 0
         self._lock = threading.Lock()
+        self._waiting: dict[concurrent.futures.Future[dict[str, Any]], dict[str, Any]] = {}
 
     def free_slots(self) -> int:
         with self._lock:
-            return self.concurrency - self._busy
+            return max(0, self.concurrency - self._busy)
 
     def submit(self, call: dict[str, Any], on_done: Callback) -> None:
         with self._lock:
@@ -104,13 +120,29 @@ class ThreadPool(Pool):
         def finished(future: concurrent.futures.Future[dict[str, Any]]) -> None:
             with self._lock:
                 self._busy -= 1
+                self._waiting.pop(future, None)
+            if future.cancelled():  # taken back by take_queued before it started
+                return
             exc = future.exception()
             if exc is not None:  # a BaseException that escaped execute()
                 on_done({"status": FAILED, "exc": None, "error": repr(exc), "traceback": None})
             else:
                 on_done(_without_live_objects(future.result()))
 
-        self._executor.submit(execute, self.app, call).add_done_callback(finished)
+        future = self._executor.submit(execute, self.app, call)
+        with self._lock:
+            self._waiting[future] = call
+        future.add_done_callback(finished)
+
+    def take_queued(self) -> list[dict[str, Any]]:
+        with self._lock:
+            waiting = list(self._waiting.items())
+        return [call for future, call in waiting if future.cancel()]
+
+    def take_unstarted(self, task_id: str) -> bool:
+        with self._lock:
+            waiting = [f for f, call in self._waiting.items() if call.get("id") == task_id]
+        return any(future.cancel() for future in waiting)
 
     def stop(self, wait: bool = True) -> None:
         self._executor.shutdown(wait=wait, cancel_futures=not wait)
@@ -149,6 +181,7 @@ class PreforkPool(Pool):
         self._context = multiprocessing.get_context("fork")
         self._lock = threading.Lock()
         self._children: list[_Child] = []
+        self._queued: collections.deque[tuple[dict[str, Any], Callback]] = collections.deque()
         for _ in range(self.concurrency):
             self._children.append(self._spawn())
         self._closing = False
@@ -172,17 +205,43 @@ class PreforkPool(Pool):
 
     def free_slots(self) -> int:
         with self._lock:
-            return sum(1 for c in self._children if c.on_done is None and not c.dead)
+            idle = sum(1 for c in self._children if c.on_done is None and not c.dead)
+            return max(0, idle - len(self._queued))
 
     def submit(self, call: dict[str, Any], on_done: Callback) -> None:
         with self._lock:
-            child = next(c for c in self._children if c.on_done is None and not c.dead)
-            child.on_done = on_done
+            self._queued.append((call, on_done))
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Start queued calls in idle children (the caller holds the lock)."""
+        while self._queued:
+            child = next((c for c in self._children if c.on_done is None and not c.dead), None)
+            if child is None:
+                return
+            call, child.on_done = self._queued.popleft()
             child.call, child.started = call, time.monotonic()
             child.timed_out = child.kill_at = child.terminated = None
             limit = call.get("time_limit")
             child.deadline = child.started + float(limit) if limit else None
-        child.conn.send_bytes(serialization.dumps(call).encode("utf-8"))
+            try:
+                child.conn.send_bytes(serialization.dumps(call).encode("utf-8"))
+            except OSError:
+                pass  # the child just died: its burial reports this call as lost
+
+    def take_queued(self) -> list[dict[str, Any]]:
+        with self._lock:
+            dropped = [call for call, _ in self._queued]
+            self._queued.clear()
+        return dropped
+
+    def take_unstarted(self, task_id: str) -> bool:
+        with self._lock:
+            for index, (call, _) in enumerate(self._queued):
+                if call.get("id") == task_id:
+                    del self._queued[index]
+                    return True
+        return False
 
     def terminate_job(self, task_id: str, signum: int) -> bool:
         with self._lock:
@@ -250,6 +309,7 @@ class PreforkPool(Pool):
         with self._lock:
             on_done, child.on_done = child.on_done, None
             child.call = child.deadline = None
+            self._dispatch()  # the next call starts before the worker records this one
         if on_done is not None:
             on_done(outcome)
 
@@ -301,6 +361,7 @@ class PreforkPool(Pool):
             replacement = self._spawn()
             with self._lock:
                 self._children[self._children.index(child)] = replacement
+                self._dispatch()
             child.conn.close()
 
     def stop(self, wait: bool = True) -> None:

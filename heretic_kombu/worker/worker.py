@@ -12,6 +12,11 @@ run task bodies. For each delivery:
 5. ack only after that commit (invariant 2): a crash anywhere before the ack means the
    broker delivers the message again, and the claim decides what happens then.
 
+Steps 2 and 4 are done for batches: every prefetched message that arrived is claimed in
+one statement (the pool queues the claimed jobs its slots cannot start yet), and every
+attempt that ended since the last commit is recorded in the next one. The database cost
+per job therefore falls as the load rises, while a lone job still goes through at once.
+
 Delays (countdown, eta, retry backoff) wait in the table; the scheduler, run from the
 same loop, publishes due jobs (invariant 7).
 """
@@ -36,6 +41,7 @@ from ..exceptions import EncodeError, MalformedMessage, StoreError, WorkerLostEr
 from ..execution import FAILED, IGNORED, LOST, REJECTED, RETRY, SUCCEEDED
 from ..ratelimit import TokenBucket, parse_rate
 from ..store import Attempt, AttemptResult, Job, NewJob, NextSteps, log_line, utcnow
+from ..store.jobstore import REVOKE_REQUESTED
 from ..task import Context
 from .pool import POOLS, Pool
 
@@ -133,22 +139,38 @@ class Worker:
         logger.info("%s stopped", self.name)
         return 0
 
+    def _room(self) -> int:
+        """How many more jobs may be claimed now: a worker holds at most its prefetch
+        count of claimed jobs (running, or queued in the pool for a slot)."""
+        return self.prefetch - len(self._running)
+
     def _step(self) -> None:
+        """One turn of the loop: receive, then record what ended and claim what arrived
+        in one commit, then ack and start; then the scheduler and the controls."""
         assert self._subscription is not None
-        if self._inbox and self.pool.free_slots() == 0:
-            # Work is waiting for a slot: nothing to do until a running job ends, so wait on
-            # the pool's completions rather than on the broker.
-            self._record_finished(block=0.05)
+        if self._room() <= 0:
+            # Every prefetched message is claimed: the broker sends no more until a job
+            # ends and its message is acked, so wait on the pool's completions.
+            finished = self._take_finished(block=0.05)
         else:
             # While jobs run, come back often to record their outcomes; when idle, sleep
             # until the scheduler's next tick unless a message arrives.
             idle = max(0.002, min(1.0, self._next_tick - time.monotonic(), self._held_wait()))
             self._subscription.drain(0.002 if self._running else idle)
-            self._record_finished()
+            finished = self._take_finished()
         self._release_held()
-        # Take as many messages as there are free slots, and claim them in one commit.
+        batch = self._accept_inbox()
+        if finished or batch:
+            self._commit_turn(finished, batch)
+        self._tick()
+        self._apply_revocations()
+        self.pool.maintain()
+
+    def _accept_inbox(self) -> list[tuple[Delivery, protocol.TaskMessage]]:
+        """Take every received message there is room for and check it before its claim."""
+        assert self._subscription is not None
         batch: list[tuple[Delivery, protocol.TaskMessage]] = []
-        while self._inbox and self.pool.free_slots() > len(batch) and not self._stopping:
+        while self._inbox and self._room() > len(batch) and not self._stopping:
             delivery = self._inbox.popleft()
             if not self._subscription.is_live(delivery):
                 # Received on a connection since lost: the broker redelivers it on the
@@ -161,12 +183,7 @@ class Worker:
                 continue
             if accepted is not None:
                 batch.append(accepted)
-        if batch:
-            self._start_batch(batch)
-            self._record_finished()
-        self._tick()
-        self._apply_revocations()
-        self.pool.maintain()
+        return batch
 
     def _drain_running(self) -> None:
         """Warm shutdown: stop consuming, let running jobs finish and record them."""
@@ -175,10 +192,25 @@ class Worker:
         # Prefetched but unclaimed messages were never started: the broker redelivers
         # them once this connection closes.
         self._inbox.clear()
+        self._hand_back(self.pool.take_queued())
         if self._running:
             logger.info("waiting for %d running job(s) to finish", len(self._running))
         while self._running:
             self._record_finished(block=0.1)
+
+    def _hand_back(self, calls: list[dict[str, Any]]) -> None:
+        """Release jobs claimed but never started (queued in the pool at a warm
+        shutdown): their rows go back to ``queued`` with the attempt uncounted, and
+        their messages, never acked, are redelivered once this connection closes."""
+        if not calls:
+            return
+        jobs = [self._running.pop(call["id"])[1] for call in calls]
+        try:
+            self.app.store.release_unstarted([(job.task_id, job.attempts) for job in jobs])
+        except Exception as exc:  # the rows stay started: the reconciler's lease check
+            logger.warning("claimed jobs not handed back (%r); their leases will expire", exc)
+            return
+        logger.info("handed back %d claimed job(s) that had not started", len(jobs))
 
     def _install_signals(self) -> None:
         def on_signal(signum: int, frame: Any) -> None:
@@ -218,17 +250,11 @@ class Worker:
             return None
         return delivery, message
 
-    def _start_batch(self, batch: list[tuple[Delivery, protocol.TaskMessage]]) -> None:
-        """Claim a batch of accepted messages in one commit and start the claimed jobs;
-        a message with nothing to claim goes through :meth:`_unclaimed`."""
-        try:
-            claimed = self._store_call(
-                self.app.store.claim_many, [message.id for _, message in batch], self.name
-            )
-        except Exception as exc:
-            for delivery, _ in batch:
-                self._internal_error(delivery, exc)
-            return
+    def _start_claimed(
+        self, batch: list[tuple[Delivery, protocol.TaskMessage]], claimed: dict[str, Job]
+    ) -> None:
+        """Start the jobs claimed for a batch of accepted messages; a message with
+        nothing to claim goes through :meth:`_unclaimed`."""
         for delivery, message in batch:
             try:
                 # pop: a second copy of one job in the same batch finds it claimed.
@@ -412,6 +438,15 @@ class Worker:
     def _record_finished(self, block: float | None = None) -> None:
         """Record every attempt that has ended since the last call (waiting up to
         ``block`` s for the first), all in one commit, then ack their messages."""
+        finished = self._take_finished(block)
+        if finished:
+            self._commit_turn(finished, [])
+
+    def _take_finished(
+        self, block: float | None = None
+    ) -> list[tuple[Delivery, Job, dict[str, Any]]]:
+        """The attempts that ended since the last call (waiting up to ``block`` s for the
+        first), but those a runtime control settled (terminated, Reject, Ignore)."""
         finished: list[tuple[Delivery, Job, dict[str, Any]]] = []
         while True:
             try:
@@ -424,16 +459,41 @@ class Worker:
             delivery, job = self._running.pop(task_id)
             if not self._settle_control_outcome(delivery, job, outcome):
                 finished.append((delivery, job, outcome))
-        if finished:
-            self._record(finished)
+        return finished
 
-    def _record(self, finished: list[tuple[Delivery, Job, dict[str, Any]]]) -> None:
+    def _commit_turn(
+        self,
+        finished: list[tuple[Delivery, Job, dict[str, Any]]],
+        batch: list[tuple[Delivery, protocol.TaskMessage]],
+    ) -> None:
+        """Record the ended attempts and claim the accepted messages in one commit; then
+        ack what was recorded, publish its follow-ups, and start what was claimed."""
         results = [self._attempt_result(job, outcome) for _, job, outcome in finished]
         attempts = [
             Attempt(job.task_id, job.attempts, result, self._next_steps(job, result))
             for (_, job, _), result in zip(finished, results, strict=True)
         ]
-        answers = self._store_call(self.app.store.record_attempts, attempts)
+        ids = [message.id for _, message in batch]
+        try:
+            answers, claimed = self._store_call(
+                self.app.store.record_and_claim, attempts, ids, self.name
+            )
+        except Exception as exc:
+            if finished:
+                raise  # a bug recording outcomes: stop, and the messages come back
+            for delivery, _ in batch:
+                self._internal_error(delivery, exc)
+            return
+        self._after_record(finished, results, answers)
+        if batch:
+            self._start_claimed(batch, claimed)
+
+    def _after_record(
+        self,
+        finished: list[tuple[Delivery, Job, dict[str, Any]]],
+        results: list[AttemptResult],
+        answers: list[list[Job] | None],
+    ) -> None:
         for (delivery, job, _), followups in zip(finished, answers, strict=True):
             if followups is None:
                 logger.warning(
@@ -614,7 +674,7 @@ class Worker:
         no more than there are free slots (a token is taken when a job can start)."""
         if not self._held:
             return
-        free = self.pool.free_slots()
+        free = self._room()
         released: list[Delivery] = []
         for name, held in list(self._held.items()):
             bucket = self._buckets.get(name)
@@ -638,16 +698,21 @@ class Worker:
         return min(waits, default=1.0)
 
     def _apply_revocations(self) -> None:
-        """Terminate the jobs the heartbeat found revoked with ``terminate=True``."""
+        """Act on the revocations the heartbeat found among the jobs claimed here: one
+        that has not started yet is dropped; a running one is terminated if revoked with
+        ``terminate=True``, else left to finish."""
         while True:
             try:
                 task_id, error = self._revocations.get_nowait()
             except queue.Empty:
                 return
             signum = control.terminate_signal(error)
-            if signum is None or task_id not in self._running or task_id in self._terminating:
+            if task_id not in self._running or task_id in self._terminating:
                 continue
-            if self.pool.terminate_job(task_id, signum):
+            if self.pool.take_unstarted(task_id):
+                self._drop_unstarted(task_id, signum)
+                continue
+            if signum is not None and self.pool.terminate_job(task_id, signum):
                 self._terminating[task_id] = signum
                 job = self._running[task_id][1]
                 logger.warning(
@@ -656,6 +721,16 @@ class Worker:
                     job.task_id,
                     signal.Signals(signum).name,
                 )
+
+    def _drop_unstarted(self, task_id: str, signum: int | None) -> None:
+        """A job revoked while it waited here for a slot never runs: its row says
+        revoked (after ``terminate=True`` it already does), and its message is acked."""
+        delivery, job = self._running.pop(task_id)
+        if signum is None:
+            self._store_call(self.app.store.revoke_unstarted, task_id, job.attempts, self.name)
+        self._subscription.ack(delivery)  # type: ignore[union-attr]
+        logger.info("Task %s[%s] revoked before it started: dropped", job.task_name, task_id)
+        self._send_revoked(job, delivery, terminated=False, signum=None, expired=False)
 
     def _settle_control_outcome(
         self, delivery: Delivery, job: Job, outcome: dict[str, Any]
@@ -823,6 +898,8 @@ class Worker:
                 # terminates them (a beat is how soon revoke(terminate=True) acts).
                 for task_id, error in self.app.store.revoked_among(running).items():
                     if control.terminate_signal(error) is None:
+                        if error == REVOKE_REQUESTED:  # dropped if it has not started
+                            self._revocations.put((task_id, error))
                         continue  # revoked some other way: its outcome will not be recorded
                     self._revocations.put((task_id, error))
                     if not self.pool.can_terminate and task_id not in self._cannot_terminate:

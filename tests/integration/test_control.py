@@ -90,11 +90,38 @@ def test_revoke_without_terminate_lets_a_running_job_finish(app, start_worker, t
     assert app.control.revoke(result.id) == {result.id: "running"}
     assert result.get(timeout=30) == "slept"
     job = row(app, result)
-    assert job.status == states.SUCCEEDED and done.exists()
-    assert len(job.attempt_logs) == 1 and "succeeded" in job.attempt_logs[0]
+    assert job.status == states.SUCCEEDED and done.exists() and job.error is None
+    # The request is in the history (invariant 8), then the attempt's own line.
+    assert "revoke requested by app.control.revoke" in job.attempt_logs[0]
+    assert len(job.attempt_logs) == 2 and "succeeded" in job.attempt_logs[1]
     # Revoking a finished job changes nothing.
     assert app.control.revoke(result.id) == {result.id: "finished"}
     assert row(app, result).status == states.SUCCEEDED
+
+
+def test_revoking_a_job_claimed_but_not_started_drops_it(app, backend, start_worker, tmp_path):
+    # One slot: the worker claims the second job with its prefetch, but it waits.
+    worker = start_worker(concurrency=1)
+    started, done = tmp_path / "started", tmp_path / "done"
+    waiting_started, waiting_done = tmp_path / "waiting_started", tmp_path / "waiting_done"
+    running = jobs_project.sleep_then_touch.delay(2, str(started), str(done))
+    wait_for(started.exists, 30, "the first job to start")
+    waiting = jobs_project.sleep_then_touch.delay(0, str(waiting_started), str(waiting_done))
+    wait_for(lambda: row(app, waiting).status == states.STARTED, 15, "the second job's claim")
+    assert not waiting_started.exists()
+    assert app.control.revoke(waiting.id) == {waiting.id: "running"}  # claimed: maybe running
+    with pytest.raises(TaskRevokedError, match="revoked"):
+        waiting.get(timeout=15)
+    assert running.get(timeout=30) == "slept"  # the running one ran to its end
+    job = row(app, waiting)
+    assert job.status == states.REVOKED and job.error == "revoked"
+    assert job.attempts == 0 and job.started_at is None  # it never ran
+    assert "revoke requested by app.control.revoke" in job.attempt_logs[0]
+    assert "dropped by w1@" in job.attempt_logs[1] and "before it started" in job.attempt_logs[1]
+    events = wait_for(lambda: revoked_events(backend, waiting.id), 15, "task_revoked")
+    assert events[0]["terminated"] is False
+    assert not waiting_started.exists()
+    assert "revoked before it started: dropped" in worker.log()
 
 
 def test_terminate_kills_the_running_job_and_the_worker_carries_on(

@@ -233,9 +233,15 @@ def test_sigterm_finishes_running_jobs_and_loses_nothing(app, start_worker, tmp_
     assert first.terminate(timeout=30) == 0
     log = first.log()
     assert "warm shutdown" in log
-    statuses = [row(app, r).status for r in results]
+    rows = [row(app, r) for r in results]
+    statuses = [job.status for job in rows]
     assert states.STARTED not in statuses  # running jobs were finished and recorded
     assert statuses.count(states.SUCCEEDED) >= 1
+    # Jobs claimed with the prefetch but not started were handed back, uncounted.
+    assert "handed back" in log
+    waiting = [job for job in rows if job.status != states.SUCCEEDED]
+    assert waiting and all(job.status == states.QUEUED for job in waiting)
+    assert all(job.attempts == 0 and job.worker is None for job in waiting)
     start_worker(concurrency=2)
     assert [r.get(timeout=60) for r in results] == [0.5] * 12
     assert all(row(app, r).attempts == 1 for r in results)  # nothing ran twice
