@@ -59,6 +59,9 @@ class Settings:
     default_queue: str = "celery"
     #: Messages reserved per pool slot; Celery's default.
     prefetch_multiplier: int = 4
+    #: Messages reserved per pool slot while jobs are short (a few ms on average): more
+    #: jobs per database commit. Equal to prefetch_multiplier turns the boost off.
+    short_job_prefetch_multiplier: int = 16
     #: Pool slots; 0 means one per CPU, as in Celery.
     concurrency: int = 0
     #: prefork (processes, Celery's default), threads, or solo (in the consuming thread).
@@ -135,6 +138,11 @@ class Settings:
         if self.prefetch_multiplier < 1:
             raise ConfigurationError(
                 f"prefetch_multiplier ({env_var('prefetch_multiplier')}) must be at least 1"
+            )
+        if self.short_job_prefetch_multiplier < 1:
+            raise ConfigurationError(
+                f"short_job_prefetch_multiplier ({env_var('short_job_prefetch_multiplier')})"
+                " must be at least 1"
             )
         if self.concurrency < 0:
             raise ConfigurationError(

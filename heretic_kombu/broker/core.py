@@ -306,6 +306,7 @@ class Subscription:
         self.queues = queues
         self._on_delivery = on_delivery
         self._prefetch = prefetch
+        self._shared_qos = False
         self._connection: kombu.Connection | None = None
         self._consumers: list[kombu.Consumer] = []
         #: Bumped at every (re)connection; a delivery carries the one it arrived on.
@@ -342,10 +343,10 @@ class Subscription:
             is_virtual = isinstance(connection.transport, VirtualTransport)
             # RabbitMQ's "global" prefetch is one limit for the channel's consumers of all
             # queues; quorum queues refuse it (540), so there it is per consumer.
-            shared = not is_virtual and self.broker.queue_type != "quorum"
+            self._shared_qos = not is_virtual and self.broker.queue_type != "quorum"
             # Positional: py-amqp and kombu's virtual channels name the third argument
             # differently.
-            channel.basic_qos(0, self._prefetch, shared)
+            channel.basic_qos(0, self._prefetch, self._shared_qos)
             consumers = [
                 kombu.Consumer(
                     channel,
@@ -364,6 +365,18 @@ class Subscription:
         self._consumers = consumers
         self._connection = connection
         self.generation += 1
+
+    def set_prefetch(self, count: int) -> None:
+        """Change how many unacked messages the broker may send (kept across reconnects)."""
+        self._prefetch = count
+        if self._connection is None:
+            return  # the reconnection sets it
+        lost: tuple[type[BaseException], ...] = (OSError, *self._recoverable_errors())
+        try:
+            self._connection.default_channel.basic_qos(0, count, self._shared_qos)
+        except lost as exc:  # the next drain reconnects, with this prefetch
+            logger.warning("broker connection lost (%r); reconnecting", exc)
+            self._discard_connection()
 
     @staticmethod
     def _log_reconnect(exc: Exception, interval: float) -> None:

@@ -50,6 +50,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("heretic_kombu.worker")
 
+#: Seconds the loop waits on the broker while jobs run before it looks for outcomes:
+#: POLL_MIN after a turn that did something, doubling up to POLL_MAX while nothing ends.
+POLL_MIN, POLL_MAX = 0.0005, 0.05
+#: Average job run times, in seconds, below which a worker reserves its short-job
+#: prefetch, and above which it goes back to the configured one.
+SHORT_JOB, LONG_JOB = 0.02, 0.05
+
 
 class Worker:
     """Consumes ``queues`` and runs their jobs with ``concurrency`` slots of ``pool``."""
@@ -70,9 +77,14 @@ class Worker:
         self.concurrency = concurrency or settings.effective_concurrency
         pool_name = pool or settings.pool
         self.pool: Pool = POOLS[pool_name](app, 1 if pool_name == "solo" else self.concurrency)
-        self.prefetch = self.pool.concurrency * (
-            prefetch_multiplier or settings.prefetch_multiplier
+        multiplier = prefetch_multiplier or settings.prefetch_multiplier
+        self.prefetch = self.pool.concurrency * multiplier
+        #: The prefetch while jobs are short (see _adapt_prefetch), and the one in force.
+        self.short_job_prefetch = self.pool.concurrency * max(
+            multiplier, settings.short_job_prefetch_multiplier
         )
+        self._limit = self.prefetch
+        self._runtime = SHORT_JOB  # moving average of job run times, in seconds
         self.name = expand_name(name or settings.effective_worker_name)
         self.scheduler_interval = settings.scheduler_interval
         self.heartbeat_interval = settings.heartbeat_interval
@@ -86,6 +98,7 @@ class Worker:
         self._running: dict[str, tuple[Delivery, Job]] = {}
         self._stopping = False
         self._next_tick = 0.0
+        self._poll = POLL_MIN
         self._subscription: Subscription | None = None
         # revoke(terminate=True): (task id, row error) seen by the heartbeat thread, and
         # the signal sent to each job being terminated.
@@ -111,7 +124,7 @@ class Worker:
         try:
             self.app.store.ensure_schema()
             self._subscription = self.app.broker.subscribe(
-                self.queues, self._inbox.append, self.prefetch
+                self.queues, self._inbox.append, self._limit
             )
             logger.info(
                 "%s ready: queues %s, %s pool x%d, prefetch %d",
@@ -142,7 +155,30 @@ class Worker:
     def _room(self) -> int:
         """How many more jobs may be claimed now: a worker holds at most its prefetch
         count of claimed jobs (running, or queued in the pool for a slot)."""
-        return self.prefetch - len(self._running)
+        return self._limit - len(self._running)
+
+    def _adapt_prefetch(self, finished: list[tuple[Delivery, Job, dict[str, Any]]]) -> None:
+        """Reserve more messages while jobs are short, the configured number otherwise.
+
+        Each loop turn costs one commit whatever its size, so short jobs go as fast as
+        the batches are big; for long jobs, a big prefetch would only keep jobs waiting
+        here that another worker could run. The prefetch follows a moving average of the
+        run times: ``short_job_prefetch`` below ``SHORT_JOB`` s, ``prefetch`` above
+        ``LONG_JOB`` s.
+        """
+        for _, _, outcome in finished:
+            runtime = outcome.get("runtime") or 0.0
+            self._runtime += (runtime - self._runtime) * 0.1
+        if self._runtime < SHORT_JOB:
+            limit = self.short_job_prefetch
+        elif self._runtime > LONG_JOB:
+            limit = self.prefetch
+        else:
+            return
+        if limit != self._limit and self._subscription is not None:
+            self._limit = limit
+            self._subscription.set_prefetch(limit)
+            logger.info("prefetch %d (jobs take %.1f ms on average)", limit, 1000 * self._runtime)
 
     def _step(self) -> None:
         """One turn of the loop: receive, then record what ended and claim what arrived
@@ -153,15 +189,21 @@ class Worker:
             # ends and its message is acked, so wait on the pool's completions.
             finished = self._take_finished(block=0.05)
         else:
-            # While jobs run, come back often to record their outcomes; when idle, sleep
-            # until the scheduler's next tick unless a message arrives.
+            # While jobs run, come back soon to record their outcomes (the broker's socket
+            # cannot wake us for them); when idle, sleep until the scheduler's next tick
+            # unless a message arrives.
             idle = max(0.002, min(1.0, self._next_tick - time.monotonic(), self._held_wait()))
-            self._subscription.drain(0.002 if self._running else idle)
+            self._subscription.drain(self._poll if self._running else idle)
             finished = self._take_finished()
         self._release_held()
         batch = self._accept_inbox()
         if finished or batch:
             self._commit_turn(finished, batch)
+            self._adapt_prefetch(finished)
+            self._poll = POLL_MIN
+        else:
+            # Nothing ended: jobs that run long are checked less and less often.
+            self._poll = min(self._poll * 2, POLL_MAX)
         self._tick()
         self._apply_revocations()
         self.pool.maintain()

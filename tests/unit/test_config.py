@@ -164,6 +164,7 @@ def test_invalid_env_values_name_the_variable(var: str, value: str) -> None:
     [
         ("HERETIC_POOL", "gevent", "pool"),
         ("HERETIC_PREFETCH_MULTIPLIER", "0", "prefetch_multiplier"),
+        ("HERETIC_SHORT_JOB_PREFETCH_MULTIPLIER", "0", "short_job_prefetch_multiplier"),
         ("HERETIC_CONCURRENCY", "-1", "concurrency"),
     ],
 )
