@@ -143,7 +143,7 @@ class AsyncResult:
         store = self.app.store
         listener = store.listen()  # before the first read: no ending can be missed
         check_parents = follow_parents and propagate and self.parent is not None
-        while store.status_of(self.id) not in states.TERMINAL:
+        while (job := self._job()) is None or job.status not in states.TERMINAL:
             if check_parents:
                 self._reraise_parent_error()
             if deadline is not None and time.monotonic() >= deadline:
@@ -154,8 +154,6 @@ class AsyncResult:
             else:
                 time.sleep(min(pause, ceiling, remaining))
                 pause *= 2
-        job = self._job()
-        assert job is not None
         if check_parents and job.status != states.SUCCEEDED:
             self._reraise_parent_error()
         if job.status == states.REVOKED and propagate:
