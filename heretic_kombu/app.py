@@ -3,9 +3,14 @@
 ``Heretic`` (alias ``Celery``) owns one :class:`~heretic_kombu.store.JobStore` and one
 :class:`~heretic_kombu.broker.Broker`, built lazily from its settings. Sending a job
 follows the order the guarantees depend on: encode the arguments (a bad value fails
-here, before anything is written), insert the row and commit, then publish with a
-broker confirm, then mark the row ``queued``. A job with a future eta is only written,
-as ``scheduled``: a worker's scheduler publishes it when due.
+here, before anything is written), insert the row and commit, then publish, then mark
+the row ``queued`` once the broker confirmed the message. A job with a future eta is
+only written, as ``scheduled``: a worker's scheduler publishes it when due.
+
+One ``.delay()`` does not wait for the broker: the process's
+:class:`~heretic_kombu.sender.Sender` publishes the message and marks the row when the
+confirm comes. Several rows sent together (a group, a chord, a transaction's jobs) are
+published at once and their confirms waited for once (:meth:`Heretic.deliver_all`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import dataclasses
 import datetime as dt
 import importlib
 import logging
+import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +30,7 @@ from . import canvas, protocol, result, serialization, signals, states
 from . import retry as retry_policy
 from . import transaction as _transaction
 from .broker import Broker
+from .broker.core import Outgoing
 from .builtins import register_builtins
 from .config import Settings, refuse_non_json
 from .exceptions import (
@@ -34,10 +42,11 @@ from .exceptions import (
 )
 from .result import AsyncResult
 from .routing import route
+from .sender import Sender
 from .store import Job as JobRow
 from .store import JobStore, NewJob, utcnow
 from .task import Task, current_request, make_task
-from .transaction import current_outbox
+from .transaction import Outbox, current_outbox
 
 if TYPE_CHECKING:
     from .jobs import Jobs
@@ -106,6 +115,12 @@ class Heretic:
         self._settings: Settings | None = None
         self._store: JobStore | None = None
         self._broker: Broker | None = None
+        self._sender: Sender | None = None
+        self._sender_lock = threading.Lock()
+        # Rows written in a caller's transaction, published together after its commit.
+        self._committing: weakref.WeakKeyDictionary[Outbox, list[JobRow]] = (
+            weakref.WeakKeyDictionary()
+        )
         self.conf = Config(self)
         if broker:
             self.conf["broker_url"] = broker
@@ -193,7 +208,11 @@ class Heretic:
         return Control(self)
 
     def close(self) -> None:
-        """Release database and broker connections held by this process."""
+        """Release database and broker connections held by this process, after the
+        messages handed to the sender are published and their rows marked."""
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.close()
         if self._store is not None:
             self._store.dispose()
         if self._broker is not None:
@@ -339,6 +358,11 @@ class Heretic:
     ) -> result.AsyncResult:
         """Write the job's row, publish it, and return its :class:`AsyncResult`.
 
+        The call returns once the row is committed and the message handed to the
+        process's sender, without waiting for the broker: the row becomes ``queued``
+        when the broker confirms the message (see :mod:`heretic_kombu.sender`). Sent
+        from a running job, the call waits for the confirm.
+
         Raises:
             EncodeError: ``args``/``kwargs`` are not JSON; nothing was written.
             QueueMismatchError: the broker holds the queue with other arguments; the row
@@ -463,43 +487,102 @@ class Heretic:
         if lineage.root_id is None and planned.jobs:  # one root for the whole workflow
             root = planned.jobs[0].task_id
             planned.jobs = [dataclasses.replace(job, root_id=root) for job in planned.jobs]
-        self.submit(planned)
+        # A running job's sends are confirmed before it ends: its pool process may leave
+        # with os._exit right after, where no exit hook would mark the rows queued.
+        self.submit(planned, wait=parent is not None and not parent.called_directly)
         return handle
 
-    def submit(self, planned: canvas.Plan) -> list[JobRow]:
+    def submit(self, planned: canvas.Plan, *, wait: bool = True) -> list[JobRow]:
         """Write a plan's rows (and chord counters) in one transaction, then publish the
-        jobs due now. Inside :meth:`transaction`, the caller's commit decides."""
+        jobs due now. Inside :meth:`transaction`, the caller's commit decides.
+
+        Without ``wait``, a single job is handed to the process's sender and the call
+        returns before the broker confirms it (see :mod:`heretic_kombu.sender`).
+        """
         outbox = current_outbox()
         if outbox is not None:
             rows = self.store.insert_plan(
                 planned.jobs, planned.chords, connection=outbox.connection()
             )
-            outbox.after_commit(lambda: self.deliver_all(rows))
+            self._deliver_after_commit(outbox, rows)
         else:
             rows = self.store.insert_plan(planned.jobs, planned.chords)
-            self.deliver_all(rows)
+            if len(rows) == 1 and not wait:
+                self._hand_over(rows[0])
+            else:
+                self.deliver_all(rows)
         return rows
 
     def deliver_all(self, rows: Iterable[JobRow]) -> None:
-        """Publish the committed rows that are due now (``pending``)."""
-        for row in rows:
-            if row.status == states.PENDING:
-                self._deliver(row)
+        """Publish the committed rows that are due now (``pending``), wait once (up to
+        ``confirm_timeout``) for the broker's confirms, and mark the rows confirmed
+        ``queued`` in one statement.
 
-    def _deliver(self, row: JobRow) -> None:
-        """Publish a committed row's message and mark it ``queued``."""
-        try:
-            self.publish_job(row)
-        except QueueMismatchError as exc:
-            # No publish can ever succeed until someone fixes the queue.
-            self.store.fail_unhandleable(row.task_id, str(exc))
-            raise
-        except PublishError as exc:
-            # The committed row is the job: a worker's reconciler publishes rows left
-            # pending (after pending_timeout), so the job is not lost with the message.
-            logger.warning("job %s stays pending, to be published later: %s", row.task_id, exc)
+        A row whose message is not confirmed stays ``pending``, with a warning: the
+        committed row is the job, and a worker's reconciler publishes rows left pending
+        longer than ``pending_timeout``.
+
+        Raises:
+            QueueMismatchError: RabbitMQ holds a row's queue with other arguments; the
+                rows of that queue are failed with this error, the others published.
+        """
+        due = [row for row in rows if row.status == states.PENDING]
+        if not due:
             return
-        self.store.mark_queued(row.task_id)
+        prepared = [self._prepare(row) for row in due]
+        errors = self.broker.publish_all([message for message, _ in prepared])
+        confirmed: list[str] = []
+        mismatch: QueueMismatchError | None = None
+        for row, (_, published), error in zip(due, prepared, errors, strict=True):
+            if error is None:
+                confirmed.append(row.task_id)
+                signals.after_task_publish.send(**published)
+            elif isinstance(error, QueueMismatchError):
+                # No publish can ever succeed until someone fixes the queue.
+                self.store.fail_unhandleable(row.task_id, str(error))
+                mismatch = mismatch or error
+            else:
+                _stays_pending(row.task_id, error)
+        self.store.mark_queued_many(confirmed)
+        if mismatch is not None:
+            raise mismatch
+
+    def _deliver_after_commit(self, outbox: Outbox, rows: list[JobRow]) -> None:
+        """Publish ``rows`` once the caller's transaction commits, together with every
+        other row written in it: one :meth:`deliver_all`, one wait for confirms."""
+        waiting = self._committing.get(outbox)
+        if waiting is None:
+            waiting = self._committing[outbox] = []
+            outbox.after_commit(lambda: self.deliver_all(self._committing.pop(outbox, [])))
+        waiting.extend(rows)
+
+    def _hand_over(self, row: JobRow) -> None:
+        """Give a committed row's message to the process's sender, which publishes it
+        and marks the row ``queued`` when the broker confirms it.
+
+        Raises:
+            QueueMismatchError: see :meth:`deliver_all`.
+        """
+        if row.status != states.PENDING:
+            return  # scheduled: a worker's scheduler publishes it when due
+        message, published = self._prepare(row)
+        try:
+            self._process_sender().send(row.task_id, message)
+        except PublishError as exc:
+            _stays_pending(row.task_id, exc)
+            return
+        signals.after_task_publish.send(**published)
+
+    def _process_sender(self) -> Sender:
+        """This process's sender, started on first use (and again in a forked child:
+        the parent's thread does not exist there)."""
+        sender = self._sender
+        if sender is None or sender.pid != os.getpid():
+            with self._sender_lock:
+                sender = self._sender
+                if sender is None or sender.pid != os.getpid():
+                    sender = self._sender = Sender(self.broker, self.store)
+        return sender
 
     def transaction(self, target: Any) -> contextlib.AbstractContextManager[Any]:
         """Send jobs inside a database transaction: they exist only if it commits.
@@ -514,11 +597,22 @@ class Heretic:
         return _transaction.transaction(target)
 
     def publish_job(self, job: JobRow) -> None:
-        """Publish the message of a row already written (the row is the source of truth).
+        """Publish the message of a row already written (the row is the source of truth)
+        and wait for the broker's confirm.
 
         Raises:
             PublishError: the broker did not confirm the message.
+            QueueMismatchError: the queue exists with other arguments.
         """
+        message, published = self._prepare(job)
+        error = self.broker.publish_all([message])[0]
+        if error is not None:
+            raise error
+        signals.after_task_publish.send(**published)
+
+    def _prepare(self, job: JobRow) -> tuple[Outgoing, dict[str, Any]]:
+        """Encode a row's message and send ``before_task_publish``; returns the message
+        and the arguments of its ``after_task_publish``."""
         workflow = job.workflow or {}
         message = protocol.TaskMessage(
             id=job.task_id,
@@ -547,13 +641,14 @@ class Heretic:
             retry_policy=None,
             **route,
         )
-        self.broker.publish_encoded(body, headers, properties, job.queue_name)
-        signals.after_task_publish.send(
-            sender=job.task_name,
-            body=(job.args, job.kwargs, message.embed),
-            headers=headers,
+        outgoing = self.broker.task_message(body, headers, properties, job.queue_name)
+        published = {
+            "sender": job.task_name,
+            "body": (job.args, job.kwargs, message.embed),
+            "headers": headers,
             **route,
-        )
+        }
+        return outgoing, published
 
     def _run_eagerly(
         self, name: str, args: list[Any], kwargs: dict[str, Any], task_id: str | None
@@ -595,6 +690,12 @@ def _discover(packages: Any, related_name: str) -> None:
 
 #: The workflow keys a Celery message carries in its embed.
 _EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
+
+
+def _stays_pending(task_id: str, error: BaseException) -> None:
+    # The committed row is the job: a worker's reconciler publishes rows left pending
+    # (after pending_timeout), so the job is not lost with its message.
+    logger.warning("job %s stays pending, to be published later: %s", task_id, error)
 
 
 def _as_list(value: Any) -> list[Any]:

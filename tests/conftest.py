@@ -67,6 +67,7 @@ def pg_database() -> Iterator[str]:
 REDIS_MODULES = {
     "test_lifecycle",
     "test_messages",
+    "test_sending",
     "test_canvas",
     "test_control",
     "test_scheduler",

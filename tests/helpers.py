@@ -42,6 +42,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "c
         time.sleep(0.05)
 
 
+def wait_queued(app: Any, task_id: str, timeout: float = 5.0) -> Any:
+    """The row of ``task_id`` once it is ``queued``: a single ``.delay()`` returns before
+    the broker's confirm, and the row is marked within a moment (heretic_kombu.sender)."""
+    return wait_for(
+        lambda: (row := app.store.get(task_id)) is not None and row.status == "queued" and row,
+        timeout,
+        f"job {task_id} to be queued",
+    )
+
+
 def services_unavailable(redis: bool = False) -> str | None:
     """Why PostgreSQL or RabbitMQ (or Redis) cannot be used, or ``None`` if they answer."""
     import kombu

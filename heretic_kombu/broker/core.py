@@ -7,6 +7,12 @@ whose ``x-dead-letter-exchange`` routes rejected messages to the durable queue
 that ignore those arguments (the embedded default, Redis) heretic copies the message to
 ``q.dead`` itself before acking it, so the behaviour is the same everywhere.
 
+Publishing uses RabbitMQ's publisher confirms asynchronously: a batch of messages is
+written to the channel without waiting, then the connection is read once until the
+broker has confirmed (acked) or refused (nacked) each of them, or ``confirm_timeout``
+passed (:meth:`Broker.publish_all`). Each thread publishes on a connection of its own
+(py-amqp connections are not thread-safe).
+
 Nothing outside this package touches kombu: the worker sees :class:`Delivery` objects
 and calls :class:`Subscription` methods.
 """
@@ -18,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import kombu
@@ -33,7 +39,9 @@ logger = logging.getLogger("heretic_kombu.broker")
 
 DEAD_EXCHANGE = "heretic.dead"
 DEAD_REASON_HEADER = "x-heretic-dead-reason"
-_PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2}
+# How a publishing connection is opened: a few quick retries, then the publish fails and
+# the row stays pending for the reconciler (about 2 s in all when the broker is down).
+_CONNECT_RETRY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2}
 
 
 def dead_queue_name(queue: str) -> str:
@@ -54,6 +62,21 @@ class Delivery:
     _message: Any = dataclasses.field(repr=False)
     #: The :attr:`Subscription.generation` of the connection it arrived on.
     _generation: int = dataclasses.field(default=0, repr=False)
+
+
+@dataclasses.dataclass
+class Outgoing:
+    """A message ready to publish, and where to."""
+
+    body: bytes | str
+    headers: dict[str, Any]
+    exchange: str
+    routing_key: str
+    priority: int | None
+    correlation_id: str | None
+    #: The work queue declared (with its dead-letter queue) before the first publish to it.
+    queue: str
+    content_type: str = protocol.CONTENT_TYPE
 
 
 class Broker:
@@ -81,9 +104,9 @@ class Broker:
         self.queue_type = queue_type
         self.delivery_limit = delivery_limit
         self._local = threading.local()
-        # Every thread's producer connection, so close() can release them all: a thread
-        # that ends leaves its thread-local connection behind, with its socket open.
-        self._producer_connections: set[tuple[int, kombu.Connection]] = set()
+        # Every thread's publisher, so close() can release them all: a thread that ends
+        # leaves its thread-local connection behind, with its socket open.
+        self._publishers: set[_Publisher] = set()
         self._connections_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -98,8 +121,9 @@ class Broker:
             return kombu.Connection(
                 self.url, transport=embedded.Transport, transport_options=options
             )
-        if self.url.startswith(("amqp:", "amqps:", "pyamqp:")):
-            options.setdefault("confirm_publish", True)
+        # Publishers put their channel in confirm mode themselves and read the confirms
+        # when they choose (_Publisher); py-amqp's confirm_publish would wait for each.
+        options.pop("confirm_publish", None)
         return kombu.Connection(self.url, transport_options=options)
 
     @property
@@ -166,8 +190,21 @@ class Broker:
         self, body: str, headers: dict[str, Any], properties: dict[str, Any], queue: str
     ) -> None:
         """Publish what :func:`protocol.encode` produced (see :meth:`publish`)."""
-        self._publish(
-            body, headers, queue, queue, properties.get("priority"), properties["correlation_id"]
+        self._publish_one(self.task_message(body, headers, properties, queue))
+
+    @staticmethod
+    def task_message(
+        body: str, headers: dict[str, Any], properties: dict[str, Any], queue: str
+    ) -> Outgoing:
+        """What :func:`protocol.encode` produced, addressed to the work queue ``queue``."""
+        return Outgoing(
+            body,
+            headers,
+            queue,
+            queue,
+            properties.get("priority"),
+            properties["correlation_id"],
+            queue,
         )
 
     def publish_dead(self, delivery: Delivery, reason: str) -> None:
@@ -175,85 +212,102 @@ class Broker:
         headers = dict(delivery.headers or {})
         headers[DEAD_REASON_HEADER] = reason
         body = delivery.body if delivery.body is not None else b""
-        self._publish(
-            body,
-            headers,
-            DEAD_EXCHANGE,
-            dead_queue_name(delivery.queue),
-            delivery.priority,
-            None,
-            declare_queue=delivery.queue,
-            content_type=delivery.content_type or "application/octet-stream",
+        self._publish_one(
+            Outgoing(
+                body,
+                headers,
+                DEAD_EXCHANGE,
+                dead_queue_name(delivery.queue),
+                delivery.priority,
+                None,
+                delivery.queue,
+                content_type=delivery.content_type or "application/octet-stream",
+            )
         )
 
-    def _publish(
-        self,
-        body: bytes | str,
-        headers: dict[str, Any],
-        exchange: str,
-        routing_key: str,
-        priority: int | None,
-        correlation_id: str | None,
-        *,
-        declare_queue: str | None = None,
-        content_type: str = protocol.CONTENT_TYPE,
-    ) -> None:
-        try:
-            producer = self._producer()
-            self._declare_once(producer.channel, declare_queue or routing_key)
-            producer.publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                headers=headers,
-                content_type=content_type,
-                content_encoding="utf-8" if content_type == protocol.CONTENT_TYPE else "binary",
-                delivery_mode=2,
-                priority=priority,
-                correlation_id=correlation_id,
-                retry=True,
-                retry_policy=_PUBLISH_RETRY,
-                timeout=self.confirm_timeout,
-            )
-        except QueueMismatchError:
-            self._reset_producer()
-            raise
-        except Exception as exc:
-            self._reset_producer()
-            raise PublishError(f"publish to {routing_key!r} not confirmed: {exc!r}") from exc
+    def _publish_one(self, message: Outgoing) -> None:
+        error = self.publish_all([message])[0]
+        if error is not None:
+            raise error
 
-    def _producer(self) -> kombu.Producer:
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid() or getattr(local, "producer", None) is None:
-            connection = self.connect()
-            local.pid, local.connection = os.getpid(), connection
+    def publish_all(self, messages: Sequence[Outgoing]) -> list[BrokerError | None]:
+        """Publish ``messages`` on this thread's connection without waiting in between,
+        then wait once, up to ``confirm_timeout``, for the broker to confirm them.
+
+        Returns one entry per message: ``None`` once the broker confirmed it (on the
+        transports without confirms, the embedded one and Redis: once the publish
+        returned), else why not: :class:`QueueMismatchError` if RabbitMQ holds its queue
+        with other arguments, :class:`PublishError` if it could not be published, was
+        refused (nack) or was not confirmed in time. A connection that worked before may
+        have been closed since (by the server, a proxy): what failed on it is published
+        once more on a new one. A message may then reach its queue twice, which the
+        claim (invariant 3) makes harmless.
+        """
+        outcomes: list[BrokerError | None] = [None] * len(messages)
+        todo = list(range(len(messages)))
+        may_retry = True
+        while todo:
+            publisher, queue = None, None
+            try:
+                publisher = self._publisher()
+                for queue in dict.fromkeys(messages[i].queue for i in todo):
+                    publisher.declare(queue)
+                answers = publisher.send([messages[i] for i in todo], self.confirm_timeout)
+            except QueueMismatchError as exc:
+                self.close_publisher()  # RabbitMQ closed the channel with its 406
+                for i in todo:
+                    if messages[i].queue == queue:
+                        outcomes[i] = exc
+                todo = [i for i in todo if outcomes[i] is None]
+                continue
+            except Exception as exc:
+                worked = publisher is not None and publisher.worked
+                self.close_publisher(abrupt=True)
+                if worked and may_retry:
+                    may_retry = False
+                    continue
+                for i in todo:
+                    error = PublishError(f"publish to {messages[i].routing_key!r} failed: {exc!r}")
+                    error.__cause__ = exc
+                    outcomes[i] = error
+                break
+            for i, answer in zip(todo, answers, strict=True):
+                if answer is False:
+                    outcomes[i] = PublishError("the broker refused the message (nack)")
+                elif answer is None:
+                    outcomes[i] = PublishError(f"not confirmed within {self.confirm_timeout}s")
+            if None in answers:
+                # Its late answers would be taken for the next messages': start afresh.
+                self.close_publisher(abrupt=True)
+            break
+        return outcomes
+
+    def _publisher(self) -> _Publisher:
+        """This thread's publisher, opened on first use (again after a fork)."""
+        publisher: _Publisher | None = getattr(self._local, "publisher", None)
+        if publisher is None or publisher.pid != os.getpid():
+            publisher = self._local.publisher = _Publisher(self)
             with self._connections_lock:
-                self._producer_connections.add((os.getpid(), connection))
-            local.producer = kombu.Producer(connection.default_channel)
-            local.declared = set()
-        return local.producer  # type: ignore[no-any-return]
+                self._publishers.add(publisher)
+        return publisher
 
-    def _declare_once(self, channel: Any, queue: str) -> None:
-        if queue not in self._local.declared:
-            self.declare(channel, queue)
-            self._local.declared.add(queue)
-
-    def _reset_producer(self) -> None:
-        connection = getattr(self._local, "connection", None)
-        self._local.producer = self._local.connection = None
-        if connection is not None and getattr(self._local, "pid", None) == os.getpid():
+    def close_publisher(self, abrupt: bool = False) -> None:
+        """Close this thread's publishing connection (the next publish opens another)."""
+        publisher: _Publisher | None = getattr(self._local, "publisher", None)
+        self._local.publisher = None
+        if publisher is not None and publisher.pid == os.getpid():
             with self._connections_lock:
-                self._producer_connections.discard((os.getpid(), connection))
-            _release_quietly(connection)
+                self._publishers.discard(publisher)
+            publisher.close(abrupt)
 
     def close(self) -> None:
-        """Close the producer connections this process opened, in every thread."""
-        self._reset_producer()
+        """Close the publishing connections this process opened, in every thread."""
+        self.close_publisher()
         with self._connections_lock:
-            mine = [c for pid, c in self._producer_connections if pid == os.getpid()]
-            self._producer_connections.clear()
-        for connection in mine:
-            _release_quietly(connection)
+            mine = [p for p in self._publishers if p.pid == os.getpid()]
+            self._publishers.clear()
+        for publisher in mine:
+            publisher.close()
 
     # -- consuming -------------------------------------------------------------
 
@@ -504,6 +558,110 @@ class Subscription:
             _release_quietly(connection)
 
 
+class _Publisher:
+    """One thread's publishing connection, its channel in confirm mode.
+
+    RabbitMQ numbers the messages published on a channel in confirm mode 1, 2, 3… and
+    acks (or nacks) them by number, often many at once (``multiple``); py-amqp hands
+    those frames to the channel's ``basic_ack``/``basic_nack`` callbacks while the
+    connection is read. The embedded transport and Redis have no confirms: a publish
+    that returned is accepted.
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.pid = os.getpid()
+        self.connection = broker.connect()
+        try:
+            self.connection.ensure_connection(**_CONNECT_RETRY)
+            channel: Any = self.connection.default_channel
+            self.confirms = not isinstance(self.connection.transport, VirtualTransport)
+            if self.confirms:
+                channel.confirm_select()
+                channel.events["basic_ack"].add(self._on_ack)
+                channel.events["basic_nack"].add(self._on_nack)
+        except BaseException:
+            _release_quietly(self.connection)
+            raise
+        self.producer = kombu.Producer(channel)
+        self.declared: set[str] = set()
+        #: True once a send completed on this connection.
+        self.worked = False
+        self._published = 0  # messages published on the channel: the last delivery tag
+        self._first = 1  # delivery tag of the current send's first message
+        self._answers: list[bool | None] = []
+        self._unanswered = 0
+        self._low = 0  # every answer before this index is in
+
+    def declare(self, queue: str) -> None:
+        """Declare ``queue`` (and its dead-letter queue) once on this connection."""
+        if queue not in self.declared:
+            self.broker.declare(self.producer.channel, queue)
+            self.declared.add(queue)
+
+    def send(self, messages: Sequence[Outgoing], timeout: float) -> list[bool | None]:
+        """Publish ``messages``, then read the connection until the broker answered for
+        each or ``timeout`` seconds passed; per message ``True`` (acked), ``False``
+        (nacked) or ``None`` (no answer in time)."""
+        self._first, self._low = self._published + 1, 0
+        self._answers = [None if self.confirms else True] * len(messages)
+        self._unanswered = len(messages) if self.confirms else 0
+        for message in messages:
+            self.producer.publish(
+                message.body,
+                exchange=message.exchange,
+                routing_key=message.routing_key,
+                headers=message.headers,
+                content_type=message.content_type,
+                content_encoding=(
+                    "utf-8" if message.content_type == protocol.CONTENT_TYPE else "binary"
+                ),
+                delivery_mode=2,
+                priority=message.priority,
+                correlation_id=message.correlation_id,
+                timeout=timeout,  # a write to a stalled broker gives up too
+            )
+            self._published += 1
+        deadline = time.monotonic() + timeout
+        while self._unanswered:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                self.connection.drain_events(timeout=remaining)
+            except TimeoutError:
+                break
+        self.worked = True
+        return self._answers
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        self._answer(delivery_tag, multiple, True)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._answer(delivery_tag, multiple, False)
+
+    def _answer(self, delivery_tag: int, multiple: bool, ok: bool) -> None:
+        last = delivery_tag - self._first  # index in the current send
+        first = self._low if multiple else last
+        for index in range(max(first, 0), min(last + 1, len(self._answers))):
+            if self._answers[index] is None:
+                self._answers[index] = ok
+                self._unanswered -= 1
+        if multiple:
+            self._low = max(self._low, last + 1)
+
+    def close(self, abrupt: bool = False) -> None:
+        """Close the connection; ``abrupt`` drops the socket without the closing
+        handshake (for a connection given up on, whose broker may not answer)."""
+        if not abrupt:
+            _release_quietly(self.connection)
+            return
+        try:
+            self.connection.collect()
+        except Exception:
+            logger.debug("dropping a broker connection failed", exc_info=True)
+
+
 def _release_quietly(connection: kombu.Connection) -> None:
     try:
         connection.release()
@@ -532,6 +690,7 @@ __all__ = [
     "Broker",
     "BrokerError",
     "Delivery",
+    "Outgoing",
     "Subscription",
     "dead_queue_name",
 ]

@@ -290,6 +290,11 @@ class JobStore:
                 )
                 for row, job in zip(rows, new_jobs, strict=True)
             ]
+        if len(new_jobs) == 1 and not chord_counters and self.is_postgresql:
+            # One statement is its own transaction: no BEGIN and COMMIT round trips.
+            with _wrap_errors(), self.engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                return self._insert_rows(conn, new_jobs, ())
         with self._write() as conn:
             return self._insert_rows(conn, new_jobs, chord_counters)
 
@@ -309,12 +314,12 @@ class JobStore:
                     created_at=utcnow(),
                 )
             )
-        rows = []
-        for job in new_jobs:
-            values = job_values(job, postgres)
-            statement = jobs.insert().values(**values).returning(*jobs.c)
-            rows.append(_to_job(conn.execute(statement).one()))
-        return rows
+        if not new_jobs:
+            return []
+        # One call for all the rows: SQLAlchemy sends multi-row INSERTs (its
+        # "insertmanyvalues", up to 1000 rows a statement) and returns them in order.
+        result = conn.execute(_INSERTS[postgres], [_row_params(job) for job in new_jobs])
+        return [_to_job(row) for row in result]
 
     def insert_if_missing(self, job: NewJob) -> None:
         """Write the row for a job that arrived without one (sent by a Celery client)."""
@@ -326,12 +331,20 @@ class JobStore:
 
     def mark_queued(self, task_id: str) -> None:
         """The broker confirmed the message: ``pending`` -> ``queued`` (if still pending)."""
+        self.mark_queued_many([task_id])
+
+    def mark_queued_many(self, task_ids: Sequence[str]) -> int:
+        """:meth:`mark_queued` for many jobs, in one transaction (a statement per 500
+        ids); returns how many rows changed. A row a worker already claimed is left
+        alone."""
+        if not task_ids:
+            return 0
+        changed = 0
         with self._write() as conn:
-            conn.execute(
-                jobs.update()
-                .where(jobs.c.task_id == task_id, jobs.c.status == states.PENDING)
-                .values(status=states.QUEUED, updated_at=utcnow())
-            )
+            for start in range(0, len(task_ids), 500):
+                ids = list(task_ids[start : start + 500])
+                changed += conn.execute(_MARK_QUEUED, {"task_ids": ids, "now": utcnow()}).rowcount
+        return changed
 
     def publish_due(self, publish: Callable[[Job], None], limit: int = 500) -> int:
         """Publish jobs whose eta has passed and mark them ``queued``; return how many.
@@ -1110,20 +1123,63 @@ def _current_attempt(task_id: str, attempt: int) -> Any:
 
 def job_values(job: NewJob, postgres: bool) -> dict[str, Any]:
     """The column values of a new row (JSON as text, so any engine stores it alike)."""
-    values = dataclasses.asdict(job)
-    note = values.pop("note")
+    values = _row_params(job)
+    for name in _JSON_COLUMNS:
+        values[name] = _json_text(values[name], postgres)
+    return values
+
+
+_JSON_COLUMNS = ("payload", "workflow", "result")
+_NEW_JOB_COLUMNS = tuple(field.name for field in dataclasses.fields(NewJob) if field.name != "note")
+#: What a producer writes in a new row; the other columns keep their defaults.
+_ROW_COLUMNS = (
+    *_NEW_JOB_COLUMNS,
+    "created_at",
+    "updated_at",
+    "attempt_logs",
+    "finished_at",
+)
+
+
+def _row_params(job: NewJob) -> dict[str, Any]:
+    """The values of a new row's columns (:data:`_ROW_COLUMNS`), JSON as text."""
     now = utcnow()
+    values = {name: getattr(job, name) for name in _NEW_JOB_COLUMNS}
+    for name in _JSON_COLUMNS:
+        if values[name] is not None:
+            values[name] = str(values[name])
     values.update(
-        payload=_json_text(job.payload, postgres),
-        workflow=_json_text(job.workflow, postgres),
-        result=_json_text(job.result, postgres),
         created_at=now,
         updated_at=now,
-        attempt_logs=[f"{_stamp(now)} not run: {note}"] if note else [],
+        attempt_logs=[f"{_stamp(now)} not run: {job.note}"] if job.note else [],
+        # A row written already finished: e.g. a chord body failed with its header.
+        finished_at=now if job.status in states.TERMINAL else None,
     )
-    if job.status in states.TERMINAL:  # e.g. a chord body failed with its header
-        values["finished_at"] = now
     return values
+
+
+def _insert_statement(postgres: bool) -> Any:
+    """INSERT ... RETURNING of new rows, values bound per row; JSON goes in as text (CAST
+    to jsonb on PostgreSQL), so that it is stored the same whichever engine (ours, or
+    the caller's for a transactional enqueue) sends it."""
+    values: dict[str, Any] = {name: sa.bindparam(name) for name in _ROW_COLUMNS}
+    for name in _JSON_COLUMNS:
+        text = sa.bindparam(name, type_=sa.Text)
+        values[name] = sa.cast(text, postgresql.JSONB) if postgres else text
+    return jobs.insert().values(values).returning(*jobs.c, sort_by_parameter_order=True)
+
+
+# Built once per dialect (PostgreSQL or not): a send only binds its values.
+_INSERTS = {postgres: _insert_statement(postgres) for postgres in (True, False)}
+
+_MARK_QUEUED = (
+    jobs.update()
+    .where(
+        jobs.c.task_id.in_(sa.bindparam("task_ids", expanding=True)),
+        jobs.c.status == states.PENDING,
+    )
+    .values(status=states.QUEUED, updated_at=sa.bindparam("now"))
+)
 
 
 def _json_text(value: serialization.RawJSON | None, postgres: bool) -> Any:

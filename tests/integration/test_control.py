@@ -8,7 +8,7 @@ import signal
 
 import jobs_project
 import pytest
-from helpers import wait_for
+from helpers import wait_for, wait_queued
 
 from heretic_kombu import states
 from heretic_kombu.exceptions import Reject, TaskRevokedError, TimeLimitExceeded
@@ -68,7 +68,7 @@ def test_a_revoked_job_whose_message_is_queued_is_dropped_by_the_worker(
 ):
     started, done = tmp_path / "started", tmp_path / "done"
     revoked = jobs_project.sleep_then_touch.delay(0, str(started), str(done))
-    assert row(app, revoked).status == states.QUEUED
+    wait_queued(app, revoked.id)
     revoked.revoke()  # AsyncResult.revoke, no worker running
     assert app.broker.queue_size(backend.queue) == 1  # the message is still queued
     start_worker()

@@ -20,7 +20,7 @@ import urllib.request
 import canvas_tasks as ct
 import jobs_project
 import pytest
-from helpers import PROJECTS, wait_for
+from helpers import PROJECTS, wait_for, wait_queued
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
@@ -64,6 +64,8 @@ def orders(app):
         found.append(jobs_project.echo.apply_async(kwargs={"value": {"to": who, "n": i}}))
     for i in range(3):
         found.append(jobs_project.add.apply_async((i, 100 * i)))
+    for result in found:
+        wait_queued(app, result.id)
     return found
 
 
@@ -117,6 +119,7 @@ def test_search_filters_and_pagination(app, client, orders):
 def test_payload_is_escaped_and_headers_are_strict(app, client):
     hostile = "<script>alert('owned')</script>"
     job = jobs_project.echo.apply_async(kwargs={"value": hostile}, queue=app.settings.default_queue)
+    wait_queued(app, job.id)
     for url in (f"/jobs/{job.id}", "/jobs?task=jobs_project.echo"):
         page = client.get(url)
         assert page.status_code == 200
@@ -168,6 +171,7 @@ def test_detail_shows_attempts_traceback_and_lineage(app, client, start_worker):
 
 def test_actions_need_the_csrf_token_and_change_the_row(app, client, start_worker, tmp_path):
     queued = jobs_project.add.delay(2, 2)  # no worker yet: it stays queued
+    wait_queued(app, queued.id)
     token = csrf_of(client, f"/jobs/{queued.id}")
     for data in ({}, {"csrf_token": "forged"}, {"csrf_token": token + "x"}):
         refused = client.post(f"/jobs/{queued.id}/cancel", data=data)
@@ -312,7 +316,7 @@ def test_token_and_basic_auth_are_enforced(app):
         job = jobs_project.add.delay(1, 1)
         # Basic auth is sent by the browser on its own: actions still need the CSRF token.
         assert web.post(f"/jobs/{job.id}/cancel", auth=("ops", "pa:ss")).status_code == 403
-        assert app.jobs.get(job.id).status == states.QUEUED
+        wait_queued(app, job.id)
 
     # Without credentials only loopback names are answered (DNS rebinding).
     with TestClient(create_app(app), base_url="http://attacker.example") as web:

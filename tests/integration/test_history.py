@@ -10,7 +10,7 @@ import sys
 import canvas_tasks as ct
 import jobs_project
 import pytest
-from helpers import PROJECTS, wait_for
+from helpers import PROJECTS, wait_for, wait_queued
 
 from heretic_kombu import states
 
@@ -34,6 +34,8 @@ def orders(app):
         results.append(jobs_project.echo.apply_async(kwargs={"value": {"to": who, "n": i}}))
     for i in range(3):
         results.append(jobs_project.add.apply_async((i, 100 * i)))
+    for result in results:
+        wait_queued(app, result.id)
     return results
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import AMQP_URL, wait_for
+from helpers import AMQP_URL, wait_for, wait_queued
 
 from heretic_kombu import shared_task, states
 
@@ -177,7 +177,6 @@ def test_job_enqueued_by_heretic_runs_on_a_celery_worker(app, backend, tmp_path,
     assert target.read_text(encoding="utf-8") == "celery wrote: hello from heretic"
     # Celery does not know heretic's table: the row keeps the status it had when the broker
     # confirmed the message, `queued`, and its AsyncResult stays PENDING.
-    job = app.store.get(result.id)
-    assert job.status == states.QUEUED
+    job = wait_queued(app, result.id)
     assert job.attempts == 0
     assert result.state == "PENDING"

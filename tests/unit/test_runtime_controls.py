@@ -100,8 +100,12 @@ def test_revoke_of_a_running_job(make_app: MakeApp):
     assert row.status == states.REVOKED and row.error == "terminated (SIGKILL)"
     assert row.attempt_logs == [row.attempt_logs[0]]
     assert "attempt 1 on w@test: terminated (SIGKILL) by app.control.revoke" in row.attempt_logs[0]
-    # What a worker's heartbeat asks: which of my running jobs were revoked?
-    assert app.store.revoked_among([left.id, killed.id]) == {killed.id: "terminated (SIGKILL)"}
+    # What a worker's heartbeat asks: which of my claimed jobs were revoked? The one left
+    # running is reported as requested (a worker that has not started it drops it).
+    assert app.store.revoked_among([left.id, killed.id]) == {
+        killed.id: "terminated (SIGKILL)",
+        left.id: "revoke requested",
+    }
 
 
 def test_time_limit_options_are_checked_when_declared(make_app: MakeApp):

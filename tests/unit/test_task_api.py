@@ -13,6 +13,7 @@ from typing import Any
 
 import kombu.exceptions
 import pytest
+from helpers import wait_queued
 
 from heretic_kombu import EagerResult, Heretic, MaxRetriesExceededError, Task
 from heretic_kombu.exceptions import ConfigurationError, EncodeError
@@ -235,9 +236,7 @@ def test_delay_writes_a_queued_row_and_publishes_one_message(app: Heretic) -> No
 
     result = add.delay(2, y=3)
 
-    job = app.store.get(result.id)
-    assert job is not None
-    assert job.status == "queued"
+    job = wait_queued(app, result.id)
     assert job.payload == {"args": [2], "kwargs": {"y": 3}}
     assert job.max_attempts == 2
     assert job.root_id == result.id
@@ -270,12 +269,10 @@ def test_apply_async_with_a_task_id_that_is_not_a_uuid_is_refused(app: Heretic) 
 def test_enqueue_writes_the_payload_row(app: Heretic) -> None:
     result = app.enqueue("x.y", {"a": 1}, max_attempts=3)
 
-    job = app.store.get(result.id)
-    assert job is not None
+    job = wait_queued(app, result.id)
     assert job.task_name == "x.y"
     assert job.payload == {"args": [{"a": 1}], "kwargs": {}}
     assert job.max_attempts == 3
-    assert job.status == "queued"
     assert job.attempts == 0
     assert queued_messages(app) == 1
     assert [j.task_id for j in app.store.list()] == [result.id]

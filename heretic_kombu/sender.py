@@ -1,0 +1,245 @@
+"""The sender: publishes committed rows from a thread of its own, and marks them
+``queued`` as the broker confirms them.
+
+``.delay()`` writes the job's row and commits (from then on the job is accepted), then
+hands its message to the process's :class:`Sender` and returns without waiting for the
+broker. The sender's thread publishes what it was handed in bursts, on a connection
+it alone uses (py-amqp connections are not thread-safe), and waits once per burst for
+the broker's confirms. The rows confirmed are marked ``queued`` together, by one
+UPDATE: when :data:`MARK_BATCH` of them are waiting, :data:`MARK_DELAY` seconds after
+the first was confirmed (so a process that sends one job and idles, a web server,
+still gets its row ``queued`` within a tenth of a second), and when the sender stops:
+``app.close()`` and the interpreter's exit, so a script that sends and exits leaves no
+row ``pending``.
+
+A message the broker refuses (nack), does not confirm within ``confirm_timeout``, or
+that cannot be published (broker down) leaves its row ``pending``, with a warning. So
+does a process killed before its rows were marked. That is safe: a worker's reconciler
+publishes rows left ``pending`` longer than ``pending_timeout`` (invariant 6); if the
+first message did arrive, the job is delivered twice and the claim runs it once
+(invariant 3).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import time
+import weakref
+
+from .broker import Broker
+from .broker.core import Outgoing
+from .exceptions import BrokerError, PublishError, QueueMismatchError
+from .store import JobStore
+
+logger = logging.getLogger("heretic_kombu")
+
+#: Most rows marked ``queued`` by one UPDATE; a full batch is marked at once.
+MARK_BATCH = 500
+#: Longest a confirmed row waits for its batch to fill before it is marked, in seconds.
+MARK_DELAY = 0.1
+#: Most messages published before one wait for their confirms.
+BURST = 1000
+#: Most messages handed over and not yet published. Beyond it (the broker is down or
+#: slower than the senders) a send is refused at once and its row stays ``pending``.
+BACKLOG = 10_000
+
+
+@dataclasses.dataclass
+class _Item:
+    task_id: str
+    message: Outgoing
+    #: Set when the message was confirmed or given up on, if the sender waits for it.
+    done: threading.Event | None = None
+    error: BrokerError | None = None
+
+
+class Sender:
+    """One process's sender for one app (see the module docstring)."""
+
+    def __init__(self, broker: Broker, store: JobStore) -> None:
+        self.broker = broker
+        self.store = store
+        self.pid = os.getpid()
+        self._inbox: queue.Queue[_Item | None] = queue.Queue(BACKLOG)
+        # Queues this sender has published to: only the first send to a queue waits.
+        # Written by the thread, read by senders (a stale read makes one more wait).
+        self._proven: set[str] = set()
+        self._closed = False
+        # Held by the thread while it publishes or marks; see _pause.
+        self._busy = threading.Lock()
+        self._paused = False
+        self._thread = threading.Thread(target=self._run, name="heretic-sender", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+        _senders.add(self)
+
+    def send(self, task_id: str, message: Outgoing) -> None:
+        """Hand over the message of committed row ``task_id``; return before the broker
+        confirms it.
+
+        The first message to a queue is waited for (up to ``confirm_timeout``), so that
+        a queue RabbitMQ holds with other arguments, or a broker that cannot be reached,
+        is reported to the caller as a publish that waits would report it.
+
+        Raises:
+            QueueMismatchError: the queue exists with other arguments; the row is failed.
+            PublishError: the message could not be handed over or, when waited for, was
+                not confirmed; the row stays ``pending`` (and may still be marked
+                ``queued`` if its confirm comes later).
+        """
+        if self._closed:
+            raise PublishError("the sender is closed")
+        wait = message.queue not in self._proven
+        item = _Item(task_id, message, threading.Event() if wait else None)
+        try:
+            self._inbox.put_nowait(item)
+        except queue.Full:
+            raise PublishError(f"{BACKLOG} messages wait for the broker already") from None
+        if item.done is None:
+            return
+        if not item.done.wait(self.broker.confirm_timeout):
+            raise PublishError(f"not confirmed within {self.broker.confirm_timeout}s")
+        if item.error is not None:
+            raise item.error
+
+    def close(self) -> None:
+        """Publish what was handed over, mark what is confirmed, and stop the thread
+        (waiting at most twice ``confirm_timeout``). Called by ``app.close()`` and at
+        the interpreter's exit."""
+        if self._closed or self.pid != os.getpid():
+            return  # a forked child never touches its parent's thread
+        self._closed = True
+        atexit.unregister(self.close)
+        patience = 2 * self.broker.confirm_timeout
+        deadline = time.monotonic() + patience
+        with contextlib.suppress(queue.Full):
+            self._inbox.put(None, timeout=patience)  # after everything handed over so far
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            logger.warning(
+                "the sender did not finish in time: rows not yet confirmed stay pending"
+                " (a worker's reconciler publishes them)"
+            )
+
+    def _pause(self) -> None:
+        """Before a fork: let the thread finish what it is doing (up to
+        ``confirm_timeout``) and start nothing more until :meth:`_resume`. A child
+        must not inherit a lock taken mid-call (SQLite's, a connection pool's): it
+        would wait for it for ever."""
+        if self.pid == os.getpid() and self._thread.is_alive() and not self._paused:
+            self._paused = self._busy.acquire(timeout=self.broker.confirm_timeout)
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._busy.release()
+
+    def _run(self) -> None:
+        confirmed: list[str] = []  # task ids to mark queued
+        mark_at = 0.0
+        stopping = False
+        while not stopping:
+            burst = self._take(max(0.0, mark_at - time.monotonic()) if confirmed else None)
+            if burst and burst[-1] is None:
+                stopping = True
+                burst.pop()
+            items = [item for item in burst if item is not None]
+            with self._busy:
+                if items:
+                    done = self._publish(items)
+                    if done and not confirmed:
+                        mark_at = time.monotonic() + MARK_DELAY
+                    confirmed += done
+                if confirmed and (
+                    stopping or len(confirmed) >= MARK_BATCH or time.monotonic() >= mark_at
+                ):
+                    self._mark(confirmed)
+                    confirmed = []
+        with self._busy:
+            self.broker.close_publisher()
+
+    def _take(self, timeout: float | None) -> list[_Item | None]:
+        """Wait up to ``timeout`` s (``None``: for ever) for a message, then take every
+        one already waiting, up to a burst; the stop mark (``None``) ends a burst."""
+        try:
+            burst = [self._inbox.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while len(burst) < BURST and burst[-1] is not None:
+            try:
+                burst.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        return burst
+
+    def _publish(self, items: list[_Item]) -> list[str]:
+        """Publish a burst and wait for its confirms; returns the task ids confirmed."""
+        try:
+            errors = self.broker.publish_all([item.message for item in items])
+        except Exception as exc:  # a bug: keep the thread alive, the rows stay pending
+            logger.exception("the sender failed")
+            errors = [PublishError(repr(exc))] * len(items)
+        confirmed: list[str] = []
+        failed: list[tuple[str, BrokerError]] = []
+        for item, error in zip(items, errors, strict=True):
+            item.error = error
+            if error is None:
+                confirmed.append(item.task_id)
+                self._proven.add(item.message.queue)
+            elif isinstance(error, QueueMismatchError):
+                self._fail(item.task_id, error)
+            elif item.done is None:  # a waiting sender reports its own
+                failed.append((item.task_id, error))
+            if item.done is not None:
+                item.done.set()
+        if failed:
+            ids = ", ".join(task_id for task_id, _ in failed[:5])
+            logger.warning(
+                "%d job(s) stay pending, to be published later (%s): %s%s",
+                len(failed),
+                failed[0][1],
+                ids,
+                ", ..." if len(failed) > 5 else "",
+            )
+        return confirmed
+
+    def _fail(self, task_id: str, error: QueueMismatchError) -> None:
+        # No publish to that queue can succeed until someone fixes it.
+        try:
+            self.store.fail_unhandleable(task_id, str(error))
+        except Exception as exc:
+            logger.warning("job %s: could not record %s (%r)", task_id, error, exc)
+
+    def _mark(self, task_ids: list[str]) -> None:
+        try:
+            self.store.mark_queued_many(task_ids)
+        except Exception as exc:
+            logger.warning(
+                "%d confirmed job(s) not marked queued (%r): they stay pending, and the"
+                " reconciler publishes them again (the claim runs each once)",
+                len(task_ids),
+                exc,
+            )
+
+
+#: This process's senders, paused around a fork.
+_senders: weakref.WeakSet[Sender] = weakref.WeakSet()
+
+
+def _pause_senders() -> None:
+    for sender in list(_senders):
+        sender._pause()
+
+
+def _resume_senders() -> None:
+    for sender in list(_senders):
+        sender._resume()
+
+
+os.register_at_fork(before=_pause_senders, after_in_parent=_resume_senders)
