@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -454,10 +455,14 @@ class Subscription:
 
         return on_message
 
-    def drain(self, timeout: float) -> None:
+    def drain(self, timeout: float, wake: int | None = None) -> None:
         """Wait up to ``timeout`` seconds for deliveries and hand them all to the
         callback: the first one waited for, then every one already received (up to the
         prefetch count), so that the worker can claim them in one statement.
+
+        ``wake``, a file descriptor (a pipe's read end), ends the wait early when it
+        becomes readable, where the transport allows it (:attr:`can_wake`): the worker's
+        pool writes to it when a job ends. The caller empties it.
 
         A lost connection (or channel) is reopened with backoff, the topology declared
         again and consuming resumed. While the broker cannot be reached, this returns
@@ -468,6 +473,8 @@ class Subscription:
             return
         lost: tuple[type[BaseException], ...] = (OSError, *self._recoverable_errors())
         try:
+            if wake is not None and not self._broker_readable(timeout, wake):
+                return  # woken, or nothing came
             self._connection.drain_events(timeout=timeout)
             for _ in range(self._prefetch):  # one event per call; take what is there
                 self._connection.drain_events(timeout=0)
@@ -479,6 +486,32 @@ class Subscription:
             self._backoff = 0.0
             self._next_attempt = 0.0
             self._reconnect(0.0)
+
+    @property
+    def can_wake(self) -> bool:
+        """Whether :meth:`drain` can be woken through its ``wake`` descriptor: on a plain
+        TCP connection to RabbitMQ (py-amqp), whose socket can be waited on alongside."""
+        return self._socket() is not None
+
+    def _socket(self) -> Any:
+        """The py-amqp TCP socket of the connection, if there is one to wait on."""
+        if self._connection is None or self._connection.transport_cls not in ("amqp", "pyamqp"):
+            return None
+        transport = getattr(self._connection.connection, "transport", None)
+        if type(transport).__name__ != "TCPTransport":  # TLS may hold decrypted bytes
+            return None
+        return getattr(transport, "sock", None)
+
+    def _broker_readable(self, timeout: float, wake: int) -> bool:
+        """Wait until the broker's socket or ``wake`` is readable; ``True`` if the broker
+        may have sent something (or cannot be waited on this way)."""
+        sock = self._socket()
+        if sock is None:
+            return True
+        if self._connection.connection.transport._read_buffer:  # type: ignore[union-attr]
+            return True  # a frame already partly read: no need to wait
+        readable, _, _ = select.select([sock, wake], [], [], timeout)
+        return sock in readable
 
     def _recoverable_errors(self) -> tuple[type[BaseException], ...]:
         connection = self._connection

@@ -24,6 +24,7 @@ same loop, publishes due jobs (invariant 7).
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("heretic_kombu.worker")
 
 #: Seconds the loop waits on the broker while jobs run before it looks for outcomes:
-#: POLL_MIN after a turn that did something, doubling up to POLL_MAX while nothing ends.
+#: POLL_MIN after a turn that did something, growing up to POLL_MAX while nothing ends.
 POLL_MIN, POLL_MAX = 0.0005, 0.05
 #: Average job run times, in seconds, below which a worker reserves its short-job
 #: prefetch, and above which it goes back to the configured one.
@@ -99,6 +100,11 @@ class Worker:
         self._stopping = False
         self._next_tick = 0.0
         self._poll = POLL_MIN
+        self._active_at = 0.0  # when the loop last recorded or claimed something
+        # A job ending writes a byte here, which wakes the loop waiting on the broker.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._subscription: Subscription | None = None
         # revoke(terminate=True): (task id, row error) seen by the heartbeat thread, and
         # the signal sent to each job being terminated.
@@ -149,6 +155,8 @@ class Worker:
                 self._subscription.close()
             self.pool.stop(wait=True)
             self.app.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         logger.info("%s stopped", self.name)
         return 0
 
@@ -193,17 +201,20 @@ class Worker:
             # cannot wake us for them); when idle, sleep until the scheduler's next tick
             # unless a message arrives.
             idle = max(0.002, min(1.0, self._next_tick - time.monotonic(), self._held_wait()))
-            self._subscription.drain(self._poll if self._running else idle)
+            if self._running and not self._subscription.can_wake:
+                idle = self._poll
+            self._subscription.drain(idle, wake=self._wake_r)
             finished = self._take_finished()
         self._release_held()
         batch = self._accept_inbox()
+        now = time.monotonic()
         if finished or batch:
             self._commit_turn(finished, batch)
             self._adapt_prefetch(finished)
-            self._poll = POLL_MIN
-        else:
-            # Nothing ended: jobs that run long are checked less and less often.
-            self._poll = min(self._poll * 2, POLL_MAX)
+            self._active_at = now
+        # Jobs that have run long are checked less often: a tenth of the quiet time
+        # (an outcome waits at most ~10% longer than its job ran), within the bounds.
+        self._poll = min(POLL_MAX, max(POLL_MIN, (now - self._active_at) / 10))
         self._tick()
         self._apply_revocations()
         self.pool.maintain()
@@ -333,7 +344,13 @@ class Worker:
         }
         call["time_limit"], call["soft_time_limit"] = self._time_limits(job)
         task_id = job.task_id
-        self.pool.submit(call, lambda outcome: self._done.put((task_id, outcome)))
+
+        def on_done(outcome: dict[str, Any]) -> None:
+            self._done.put((task_id, outcome))
+            with contextlib.suppress(BlockingIOError):  # full: the loop is awake anyway
+                os.write(self._wake_w, b"\0")
+
+        self.pool.submit(call, on_done)
 
     def _adopt(self, delivery: Delivery, message: protocol.TaskMessage) -> bool:
         """Write the row of a message sent by a Celery client; ``False`` if done with it."""
@@ -489,6 +506,8 @@ class Worker:
     ) -> list[tuple[Delivery, Job, dict[str, Any]]]:
         """The attempts that ended since the last call (waiting up to ``block`` s for the
         first), but those a runtime control settled (terminated, Reject, Ignore)."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
         finished: list[tuple[Delivery, Job, dict[str, Any]]] = []
         while True:
             try:

@@ -173,7 +173,9 @@ def test_hard_time_limit_fails_the_job_without_retry(app, backend, start_worker,
     assert job.status == states.FAILED and job.attempts == 1
     assert job.error == "TimeLimitExceeded: hard time limit (1s) exceeded"
     assert "failed: TimeLimitExceeded: hard time limit (1s) exceeded" in job.attempt_logs[0]
-    assert [e["status"] for e in backend.events("job_failed")] == [states.FAILED]
+    # job_failed fires in the worker just after the commit that .get() saw.
+    failed = wait_for(lambda: backend.events("job_failed"), 15, "job_failed")
+    assert [e["status"] for e in failed] == [states.FAILED]
     # The child was replaced: the one slot runs the next job.
     assert jobs_project.add.delay(1, 2).get(timeout=30) == 3
     assert worker.process.poll() is None

@@ -22,6 +22,11 @@ def row(app, result):
     return app.store.get(result.id)
 
 
+def failed_events(backend, task_id):
+    """The job_failed events of one job (fired by the worker just after its commit)."""
+    return [e for e in backend.events("job_failed") if e["task_id"] == task_id]
+
+
 def test_result_round_trip_and_the_row(app, start_worker):
     start_worker()
     result = jobs_project.add.delay(2, 3)
@@ -113,7 +118,9 @@ def test_retries_exhausted(app, start_worker, backend):
     job = row(app, auto)
     assert job.status == states.FAILED and job.attempts == 3  # max_retries=2: three runs
     assert len(job.attempt_logs) == 3
-    statuses = [e["status"] for e in backend.events("job_failed") if e["task_id"] == auto.id]
+    # job_failed fires in the worker just after the commit that .get() saw.
+    wait_for(lambda: len(failed_events(backend, auto.id)) == 3, 15, "the last job_failed")
+    statuses = [e["status"] for e in failed_events(backend, auto.id)]
     assert statuses == [states.RETRYING, states.RETRYING, states.FAILED]
 
     bare = jobs_project.retry_without_exc.delay()
@@ -193,7 +200,8 @@ def test_original_heretic_api_process_enqueue_and_events(app, start_worker, back
     job = row(app, bad)
     assert job.status == states.FAILED and job.attempts == 3 and job.max_attempts == 3
     assert job.payload == {"args": [{"customer": "globex", "fail": True}], "kwargs": {}}
-    failed = [e for e in backend.events("job_failed") if e["task_id"] == bad.id]
+    wait_for(lambda: len(failed_events(backend, bad.id)) == 3, 15, "the last job_failed")
+    failed = failed_events(backend, bad.id)
     assert [e["attempts"] for e in failed] == [1, 2, 3]
     assert failed[-1]["status"] == states.FAILED
 
