@@ -171,3 +171,24 @@ class WorkerProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=10)
+
+
+def unreachable_broker_url(backend: Backend, tmp_path: Path) -> str:
+    """A broker URL of ``backend``'s kind that nothing answers: a closed port for
+    RabbitMQ, an SQLite file under a path that is a file, not a folder, otherwise."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("no broker can live here")
+    if backend.name == "services":
+        return "amqp://guest:guest@127.0.0.1:1//"
+    return f"sqlite:///{blocked}/broker.sqlite3"
+
+
+def declare_plain_queue(broker_url: str, name: str) -> None:
+    """Declare queue ``name`` as a plain Celery setup would, without heretic's
+    dead-letter arguments: heretic's own declaration of it then fails (406)."""
+    import kombu
+
+    with kombu.Connection(broker_url) as conn:
+        kombu.Queue(name, kombu.Exchange(name, "direct"), routing_key=name)(
+            conn.default_channel
+        ).declare()

@@ -13,7 +13,7 @@ import uuid
 
 import jobs_project
 import pytest
-from helpers import wait_for, wait_queued
+from helpers import unreachable_broker_url, wait_for, wait_queued
 
 from heretic_kombu import exceptions, states
 
@@ -292,14 +292,7 @@ def test_worker_consumes_only_its_queues(app, start_worker, backend):
 def test_job_survives_a_publish_that_fails_after_commit(
     app, start_worker, backend, monkeypatch, tmp_path
 ):
-    blocked = tmp_path / "not-a-directory"
-    blocked.write_text("no broker can live here")
-    unreachable = (
-        "amqp://guest:guest@127.0.0.1:1//"
-        if backend.name == "services"
-        else f"sqlite:///{blocked}/broker.sqlite3"
-    )
-    monkeypatch.setenv("HERETIC_BROKER_URL", unreachable)
+    monkeypatch.setenv("HERETIC_BROKER_URL", unreachable_broker_url(backend, tmp_path))
     from heretic_kombu import Heretic
 
     producer = Heretic("unreachable")

@@ -10,7 +10,7 @@ import uuid
 import jobs_project
 import kombu
 import pytest
-from helpers import wait_for
+from helpers import declare_plain_queue, wait_for
 
 from heretic_kombu import states
 from heretic_kombu.broker import DEAD_REASON_HEADER
@@ -210,10 +210,7 @@ def test_queue_declared_with_other_arguments_gives_a_plain_error(app, backend):
     from heretic_kombu.exceptions import QueueMismatchError
 
     name = f"{backend.queue}_legacy"
-    with kombu.Connection(backend.broker_url) as conn:
-        kombu.Queue(name, kombu.Exchange(name, "direct"), routing_key=name)(
-            conn.default_channel
-        ).declare()
+    declare_plain_queue(backend.broker_url, name)
     try:
         with pytest.raises(QueueMismatchError) as caught:
             jobs_project.add.apply_async((1, 2), queue=name)

@@ -17,7 +17,13 @@ import jobs_project
 import kombu
 import pytest
 import sqlalchemy as sa
-from helpers import PROJECTS, wait_for, wait_queued
+from helpers import (
+    PROJECTS,
+    declare_plain_queue,
+    unreachable_broker_url,
+    wait_for,
+    wait_queued,
+)
 
 from heretic_kombu import group, states
 from heretic_kombu.exceptions import QueueMismatchError
@@ -118,14 +124,7 @@ def test_a_forked_child_sends_with_a_sender_of_its_own(app, backend, tmp_path):
 def test_with_the_broker_down_sends_return_and_rows_stay_pending(
     backend, monkeypatch, tmp_path, caplog
 ):
-    blocked = tmp_path / "not-a-directory"
-    blocked.write_text("no broker can live here")
-    unreachable = (
-        "amqp://guest:guest@127.0.0.1:1//"
-        if backend.name == "services"
-        else f"sqlite:///{blocked}/broker.sqlite3"
-    )
-    monkeypatch.setenv("HERETIC_BROKER_URL", unreachable)
+    monkeypatch.setenv("HERETIC_BROKER_URL", unreachable_broker_url(backend, tmp_path))
     from heretic_kombu import Heretic
 
     producer = Heretic("unreachable")
@@ -186,10 +185,7 @@ def test_a_nacked_message_leaves_its_row_pending(app, backend, caplog):
 @pytest.mark.parametrize("backend", ON_RABBITMQ, indirect=True)
 def test_a_group_with_a_mismatched_queue_fails_those_rows_and_sends_the_others(app, backend):
     legacy = f"{backend.queue}_legacy"
-    with kombu.Connection(backend.broker_url) as conn:
-        kombu.Queue(legacy, kombu.Exchange(legacy, "direct"), routing_key=legacy)(
-            conn.default_channel
-        ).declare()
+    declare_plain_queue(backend.broker_url, legacy)
     try:
         members = [jobs_project.add.s(1, 1).set(queue=legacy), jobs_project.add.s(2, 2)]
         with pytest.raises(QueueMismatchError, match="already has a queue named"):
