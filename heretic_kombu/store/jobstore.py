@@ -1056,13 +1056,27 @@ def _to_job(row: Any) -> Job:
 
 # The claim (invariant 3), built once: the hot path only binds its parameters.
 # Runnable: pending/queued, or scheduled/retrying whose eta has passed; never expired.
+def _row_test(condition: Any) -> Any:
+    """``condition`` checked on the rows found by task id, never used to find them.
+
+    Until VACUUM, the status index holds a dead entry for every job that ever passed
+    through a status; a planner that picks it for ``status = 'pending'`` reads them all
+    (measured: 25–80 ms instead of 0.03–1 ms per statement after 200,000 jobs). Written
+    ``(...) IS TRUE`` (``status`` is never NULL, so the meaning is the same), the test
+    matches no index and the statement goes through ``task_id``'s unique index.
+    """
+    return condition.is_(sa.true())
+
+
 _CLAIM = (
     jobs.update()
     .where(
         jobs.c.task_id.in_(sa.bindparam("task_ids", expanding=True)),
-        sa.or_(
-            jobs.c.status.in_(states.READY),
-            sa.and_(jobs.c.status.in_(states.WAITING), jobs.c.eta <= sa.bindparam("now")),
+        _row_test(
+            sa.or_(
+                jobs.c.status.in_(states.READY),
+                sa.and_(jobs.c.status.in_(states.WAITING), jobs.c.eta <= sa.bindparam("now")),
+            )
         ),
         sa.or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > sa.bindparam("now")),
     )
@@ -1103,7 +1117,7 @@ FROM unnest(
     CAST(:lines AS text[]), CAST(:etas AS timestamptz[]), CAST(:max_attempts AS integer[]),
     CAST(:payloads AS text[])
 ) AS v(task_id, attempt, status, result, error, traceback, line, eta, max_attempts, payload)
-WHERE j.task_id = v.task_id AND j.attempts = v.attempt AND j.status = 'started'
+WHERE j.task_id = v.task_id AND j.attempts = v.attempt AND (j.status = 'started') IS TRUE
 RETURNING j.task_id, j.status
 )
 SELECT task_id, CASE WHEN status IN ({", ".join(f"'{s}'" for s in sorted(states.TERMINAL))})
@@ -1176,7 +1190,7 @@ _MARK_QUEUED = (
     jobs.update()
     .where(
         jobs.c.task_id.in_(sa.bindparam("task_ids", expanding=True)),
-        jobs.c.status == states.PENDING,
+        _row_test(jobs.c.status == states.PENDING),
     )
     .values(status=states.QUEUED, updated_at=sa.bindparam("now"))
 )
