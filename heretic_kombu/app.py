@@ -42,7 +42,7 @@ from .exceptions import (
 )
 from .result import AsyncResult
 from .routing import route
-from .sender import Sender
+from .sender import Sender, stays_pending
 from .store import Job as JobRow
 from .store import JobStore, NewJob, utcnow
 from .task import Task, current_request, make_task
@@ -542,7 +542,7 @@ class Heretic:
                 self.store.fail_unhandleable(row.task_id, str(error))
                 mismatch = mismatch or error
             else:
-                _stays_pending(row.task_id, error)
+                stays_pending(row.task_id, error)
         self.store.mark_queued_many(confirmed)
         if mismatch is not None:
             raise mismatch
@@ -569,7 +569,7 @@ class Heretic:
         try:
             self._process_sender().send(row.task_id, message)
         except PublishError as exc:
-            _stays_pending(row.task_id, exc)
+            stays_pending(row.task_id, exc)
             return
         signals.after_task_publish.send(**published)
 
@@ -690,12 +690,6 @@ def _discover(packages: Any, related_name: str) -> None:
 
 #: The workflow keys a Celery message carries in its embed.
 _EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
-
-
-def _stays_pending(task_id: str, error: BaseException) -> None:
-    # The committed row is the job: a worker's reconciler publishes rows left pending
-    # (after pending_timeout), so the job is not lost with its message.
-    logger.warning("job %s stays pending, to be published later: %s", task_id, error)
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -186,7 +186,6 @@ class Sender:
             logger.exception("the sender failed")
             errors = [PublishError(repr(exc))] * len(items)
         confirmed: list[str] = []
-        failed: list[tuple[str, BrokerError]] = []
         for item, error in zip(items, errors, strict=True):
             item.error = error
             if error is None:
@@ -195,18 +194,9 @@ class Sender:
             elif isinstance(error, QueueMismatchError):
                 self._fail(item.task_id, error)
             elif item.done is None:  # a waiting sender reports its own
-                failed.append((item.task_id, error))
+                stays_pending(item.task_id, error)
             if item.done is not None:
                 item.done.set()
-        if failed:
-            ids = ", ".join(task_id for task_id, _ in failed[:5])
-            logger.warning(
-                "%d job(s) stay pending, to be published later (%s): %s%s",
-                len(failed),
-                failed[0][1],
-                ids,
-                ", ..." if len(failed) > 5 else "",
-            )
         return confirmed
 
     def _fail(self, task_id: str, error: QueueMismatchError) -> None:
@@ -226,6 +216,13 @@ class Sender:
                 len(task_ids),
                 exc,
             )
+
+
+def stays_pending(task_id: str, error: BaseException) -> None:
+    """Log a committed row whose message was not published or not confirmed. The row is
+    the job: a worker's reconciler publishes rows left ``pending`` longer than
+    ``pending_timeout``, so the job is not lost with its message."""
+    logger.warning("job %s stays pending, to be published later: %s", task_id, error)
 
 
 #: This process's senders, paused around a fork.

@@ -52,10 +52,6 @@ class Pool:
     def start(self) -> None:
         """Prepare the slots (prefork forks its children here)."""
 
-    def free_slots(self) -> int:
-        """How many more calls could start now (none are queued)."""
-        raise NotImplementedError
-
     def submit(self, call: dict[str, Any], on_done: Callback) -> None:
         """Run ``call`` in a slot, now or when one frees, in order of submission;
         ``on_done(outcome)`` runs when it ends."""
@@ -91,9 +87,6 @@ class Pool:
 class SoloPool(Pool):
     """Runs each call inline: simplest, one at a time, easy to debug."""
 
-    def free_slots(self) -> int:
-        return 1
-
     def submit(self, call: dict[str, Any], on_done: Callback) -> None:
         on_done(_without_live_objects(execute(self.app, call)))
 
@@ -105,21 +98,13 @@ class ThreadPool(Pool):
         self._executor = concurrent.futures.ThreadPoolExecutor(
             self.concurrency, thread_name_prefix="heretic-task"
         )
-        self._busy = 0
         self._lock = threading.Lock()
+        # Calls submitted and not finished: take_queued cancels those not started.
         self._waiting: dict[concurrent.futures.Future[dict[str, Any]], dict[str, Any]] = {}
 
-    def free_slots(self) -> int:
-        with self._lock:
-            return max(0, self.concurrency - self._busy)
-
     def submit(self, call: dict[str, Any], on_done: Callback) -> None:
-        with self._lock:
-            self._busy += 1
-
         def finished(future: concurrent.futures.Future[dict[str, Any]]) -> None:
             with self._lock:
-                self._busy -= 1
                 self._waiting.pop(future, None)
             if future.cancelled():  # taken back by take_queued before it started
                 return
@@ -202,11 +187,6 @@ class PreforkPool(Pool):
         process.start()
         child_conn.close()
         return _Child(process, parent_conn)
-
-    def free_slots(self) -> int:
-        with self._lock:
-            idle = sum(1 for c in self._children if c.on_done is None and not c.dead)
-            return max(0, idle - len(self._queued))
 
     def submit(self, call: dict[str, Any], on_done: Callback) -> None:
         with self._lock:
