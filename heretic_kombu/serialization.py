@@ -9,6 +9,7 @@ before any row is written or message sent.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -44,7 +45,18 @@ def dumps(value: Any) -> RawJSON:
 
 def loads(text: str | bytes) -> Any:
     """Decode JSON text produced by :func:`dumps` (or by a Celery client)."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        text = bytes(text).decode("utf-8")
+    if _TYPE_MARKER not in text and "\\u" not in text:
+        # No value in kombu's {"__type__": ..., "__value__": ...} envelope can be in
+        # here (the key could only hide behind a \u escape), so the C decoder alone
+        # gives the same result, without a Python call for every object decoded:
+        # a third of the time of a typical job's arguments.
+        return json.loads(text)
     return kombu_json.loads(text)
+
+
+_TYPE_MARKER = '"__type__"'
 
 
 def engine_serializer(value: Any) -> str:

@@ -137,3 +137,27 @@ def test_dumps_returns_json_text() -> None:
     assert isinstance(text, str)
     assert serialization.loads(text) == {"a": [1, 2]}
     assert serialization.loads(text.encode("utf-8")) == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # kombu's typed envelope, as a Celery client writes it (ASCII escapes included)
+        '{"when": {"__type__": "datetime", "__value__": "2024-03-04T05:06:07+00:00"}}',
+        '[{"__type__": "uuid", "__value__": {"hex": "0f0e0d0c0b0a49088706050403020100"}}]',
+        # the same key spelled with \\u escapes: still an envelope once decoded
+        '{"\\u005f\\u005ftype__": "decimal", "__value__": "1.5"}',
+        '{"\\u005f_type_\\u005f": "date", "__value__": "2024-02-29"}',
+        # text that merely mentions the marker, and plain JSON
+        '{"note": "__type__ is a key kombu uses", "n": [1, 2.5, null, true]}',
+        '{"text": "caf\\u00e9", "a": {"b": {}}}',
+    ],
+)
+def test_loads_decodes_exactly_as_kombu(text: str) -> None:
+    # loads skips kombu's per-object hook when no envelope can be in the text; whatever
+    # the path, the result is kombu's, for text and for bytes.
+    expected = kombu.utils.json.loads(text)
+    for given in (text, text.encode("utf-8")):
+        decoded = serialization.loads(given)
+        assert decoded == expected
+        assert repr(decoded) == repr(expected)  # same types, not only equal values
