@@ -486,7 +486,10 @@ class Heretic:
         planned, handle = canvas.plan(self, sig, lineage)
         if lineage.root_id is None and planned.jobs:  # one root for the whole workflow
             root = planned.jobs[0].task_id
-            planned.jobs = [dataclasses.replace(job, root_id=root) for job in planned.jobs]
+            planned.jobs = [
+                job if job.root_id == root else dataclasses.replace(job, root_id=root)
+                for job in planned.jobs
+            ]
         # A running job's sends are confirmed before it ends: its pool process may leave
         # with os._exit right after, where no exit hook would mark the rows queued.
         self.submit(planned, wait=parent is not None and not parent.called_directly)

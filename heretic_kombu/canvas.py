@@ -541,9 +541,19 @@ def _plan_group(app: Heretic, sig: group, lineage: Lineage) -> tuple[Plan, Group
         member = member.clone(**extra)
         _mark_group(member, group_id, index)
         planned, handle = plan(app, member, lineage)
+        lineage = _rooted(lineage, planned)
         total.extend(planned)
         results.append(handle)
     return total, GroupResult(group_id, results, app=app)
+
+
+def _rooted(lineage: Lineage, planned: Plan) -> Lineage:
+    """``lineage`` for the jobs planned after ``planned``: a workflow sent from outside
+    any job has its first job as root (the sender sets it on every job; set here, the
+    members of a group need no second pass)."""
+    if lineage.root_id is None and planned.jobs:
+        return Lineage(lineage.parent_id, planned.jobs[0].task_id)
+    return lineage
 
 
 def _mark_group(member: Signature, group_id: str, index: int) -> None:
@@ -578,6 +588,7 @@ def _plan_chord(app: Heretic, sig: chord, lineage: Lineage) -> tuple[Plan, Any]:
             tail = tail.tasks[-1]
         tail.options["chord"] = body
         planned, handle = plan(app, member, lineage)
+        lineage = _rooted(lineage, planned)
         total.extend(planned)
         header_results.append(handle)
     body_result.parent = GroupResult(group_id, header_results, app=app)

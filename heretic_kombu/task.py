@@ -355,9 +355,17 @@ class Task:
         _current.stack.pop()
 
     def _check_arguments(self, args: list[Any], kwargs: dict[str, Any]) -> None:
-        try:
-            signature = inspect.signature(self.run)
-        except (TypeError, ValueError):  # builtins without a signature: nothing to check
+        run = self.run
+        function = getattr(run, "__func__", run)
+        cached = self.__dict__.get("_run_signature")
+        if cached is None or cached[0] is not function:  # read once per task, not per call
+            try:
+                cached = (function, inspect.signature(run))
+            except (TypeError, ValueError):  # builtins without a signature: nothing to check
+                cached = (function, None)
+            self._run_signature = cached
+        signature = cached[1]
+        if signature is None:
             return
         try:
             signature.bind(*args, **kwargs)
