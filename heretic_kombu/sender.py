@@ -207,15 +207,21 @@ class Sender:
             logger.warning("job %s: could not record %s (%r)", task_id, error, exc)
 
     def _mark(self, task_ids: list[str]) -> None:
-        try:
-            self.store.mark_queued_many(task_ids)
-        except Exception as exc:
-            logger.warning(
-                "%d confirmed job(s) not marked queued (%r): they stay pending, and the"
-                " reconciler publishes them again (the claim runs each once)",
-                len(task_ids),
-                exc,
-            )
+        # A second try goes through another connection (the pool drops one the server
+        # closed, as in a restart); marking a row already queued changes nothing.
+        for last_try in (False, True):
+            try:
+                self.store.mark_queued_many(task_ids)
+                return
+            except Exception as exc:
+                if last_try:
+                    logger.warning(
+                        "%d confirmed job(s) not marked queued (%r): they stay pending,"
+                        " and the reconciler publishes them again (the claim runs each"
+                        " once)",
+                        len(task_ids),
+                        exc,
+                    )
 
 
 def stays_pending(task_id: str, error: BaseException) -> None:

@@ -26,7 +26,7 @@ from helpers import (
 )
 
 from heretic_kombu import group, states
-from heretic_kombu.exceptions import QueueMismatchError
+from heretic_kombu.exceptions import QueueMismatchError, StoreError
 
 ON_RABBITMQ = [pytest.param("services", marks=pytest.mark.services)]
 
@@ -197,3 +197,41 @@ def test_a_group_with_a_mismatched_queue_fails_those_rows_and_sends_the_others(a
         with kombu.Connection(backend.broker_url) as conn:
             conn.default_channel.queue_delete(legacy)
             conn.default_channel.exchange_delete(legacy)
+
+
+def test_a_task_id_already_taken_is_refused_and_nothing_is_sent(app, backend):
+    first = jobs_project.add.delay(1, 1)
+    wait_queued(app, first.id)
+    with pytest.raises(StoreError, match="task_id"):
+        jobs_project.add.apply_async((2, 2), task_id=first.id)
+    assert app.store.get(first.id).args == [1, 1]
+    assert app.broker.queue_size(backend.queue) == 1
+
+
+@pytest.mark.parametrize("backend", ON_RABBITMQ, indirect=True)
+def test_sends_go_on_when_the_server_closed_every_pooled_connection(app, backend, caplog):
+    wait_queued(app, jobs_project.add.delay(0, 0).id)  # the main thread's and the sender's
+    engine = app.store.engine
+    held = [engine.raw_connection() for _ in range(engine.pool.checkedin())]
+    pids = []
+    for raw in held:
+        with raw.driver_connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            pids.append(cursor.fetchone()[0])
+        raw.close()  # back to the pool, soon dead
+    admin = sa.create_engine(
+        backend.database_url.replace("postgresql://", "postgresql+psycopg2://")
+    )
+    try:
+        with admin.connect() as conn:
+            for pid in pids:
+                conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    finally:
+        admin.dispose()
+    # As after a database restart, less than a second after the connections were used.
+    with caplog.at_level(logging.WARNING, logger="heretic_kombu"):
+        results = [jobs_project.add.delay(i, i) for i in range(3)]
+        for result in results:
+            wait_queued(app, result.id)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert app.broker.queue_size(backend.queue) == 4
