@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("heretic_kombu")
 
 EVENTS = ("job_error", "job_failed")
+#: Jobs sent inside a caller's transaction are written this many to a batch, at the
+#: latest just before the commit (see :mod:`heretic_kombu.transaction`).
+TRANSACTION_BATCH = 1000
 
 _shared_tasks: list[Task] = []
 _apps: list[Heretic] = []
@@ -119,6 +122,9 @@ class Heretic:
         self._sender_lock = threading.Lock()
         # Rows written in a caller's transaction, published together after its commit.
         self._committing: weakref.WeakKeyDictionary[Outbox, list[JobRow]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._unwritten: weakref.WeakKeyDictionary[Outbox, canvas.Plan] = (
             weakref.WeakKeyDictionary()
         )
         self.conf = Config(self)
@@ -495,7 +501,7 @@ class Heretic:
         self.submit(planned, wait=parent is not None and not parent.called_directly)
         return handle
 
-    def submit(self, planned: canvas.Plan, *, wait: bool = True) -> list[JobRow]:
+    def submit(self, planned: canvas.Plan, *, wait: bool = True) -> None:
         """Write a plan's rows (and chord counters) in one transaction, then publish the
         jobs due now. Inside :meth:`transaction`, the caller's commit decides.
 
@@ -504,17 +510,13 @@ class Heretic:
         """
         outbox = current_outbox()
         if outbox is not None:
-            rows = self.store.insert_plan(
-                planned.jobs, planned.chords, connection=outbox.connection()
-            )
-            self._deliver_after_commit(outbox, rows)
+            self._write_before_commit(outbox, planned)
+            return
+        rows = self.store.insert_plan(planned.jobs, planned.chords)
+        if len(rows) == 1 and not wait:
+            self._hand_over(rows[0])
         else:
-            rows = self.store.insert_plan(planned.jobs, planned.chords)
-            if len(rows) == 1 and not wait:
-                self._hand_over(rows[0])
-            else:
-                self.deliver_all(rows)
-        return rows
+            self.deliver_all(rows)
 
     def deliver_all(self, rows: Iterable[JobRow]) -> None:
         """Publish the committed rows that are due now (``pending``), wait once (up to
@@ -549,6 +551,26 @@ class Heretic:
         self.store.mark_queued_many(confirmed)
         if mismatch is not None:
             raise mismatch
+
+    def _write_before_commit(self, outbox: Outbox, planned: canvas.Plan) -> None:
+        """Keep a plan sent inside the caller's transaction until just before it commits
+        (or until :data:`TRANSACTION_BATCH` jobs wait), then write the rows through the
+        caller's connection, many to a statement (see :mod:`heretic_kombu.transaction`)."""
+        waiting = self._unwritten.get(outbox)
+        if waiting is None:
+            waiting = self._unwritten[outbox] = canvas.Plan()
+            outbox.before_commit(lambda: self._write_unwritten(outbox, self._unwritten.pop(outbox)))
+        waiting.extend(planned)
+        if len(waiting.jobs) >= TRANSACTION_BATCH:
+            self._write_unwritten(outbox, waiting)
+            self._unwritten[outbox] = canvas.Plan()
+
+    def _write_unwritten(self, outbox: Outbox, waiting: canvas.Plan) -> None:
+        if waiting.jobs or waiting.chords:
+            rows = self.store.insert_plan(
+                waiting.jobs, waiting.chords, connection=outbox.connection()
+            )
+            self._deliver_after_commit(outbox, rows)
 
     def _deliver_after_commit(self, outbox: Outbox, rows: list[JobRow]) -> None:
         """Publish ``rows`` once the caller's transaction commits, together with every

@@ -8,6 +8,10 @@ only after the commit. A rolled-back transaction leaves no job and no message. I
 publish after the commit fails, the row stays ``pending`` and the reconciler publishes
 it: the commit is the moment the job is accepted.
 
+The rows are written just before the commit (and whenever a thousand are waiting), a
+thousand to an ``INSERT``: one statement per send would cost a round trip each. So a
+row that cannot be written (a ``task_id`` already taken) fails the commit, not the send.
+
 The job table must live in the database your session or engine talks to.
 """
 
@@ -31,11 +35,25 @@ class Outbox:
 
     def __init__(self, connection: Callable[[], Connection]) -> None:
         self.connection = connection
+        #: Inside its ``with`` block: the sends go on, and so does the outbox across
+        #: commits (a session may commit inside the block and send more).
+        self.open = True
+        self._before_commit: list[Callable[[], None]] = []
         self._after_commit: list[Callable[[], None]] = []
+
+    def before_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` just before the caller's transaction commits, inside it; an
+        exception it raises fails the commit."""
+        self._before_commit.append(callback)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the caller's transaction has committed."""
         self._after_commit.append(callback)
+
+    def committing(self) -> None:
+        callbacks, self._before_commit = self._before_commit, []
+        for callback in callbacks:
+            callback()
 
     @property
     def waiting(self) -> bool:
@@ -50,6 +68,7 @@ class Outbox:
                 logger.exception("publishing after commit failed; the job stays pending")
 
     def rolled_back(self) -> None:
+        self._before_commit = []
         self._after_commit = []
 
 
@@ -66,13 +85,22 @@ def current_outbox() -> Outbox | None:
 _SESSION_KEY = "heretic_outboxes"
 
 
+def _on_session_committing(session: Session) -> None:
+    for outbox in session.info.get(_SESSION_KEY, []):
+        outbox.committing()
+
+
 def _on_session_commit(session: Session) -> None:
-    for outbox in session.info.pop(_SESSION_KEY, []):
+    outboxes = session.info.pop(_SESSION_KEY, [])
+    session.info[_SESSION_KEY] = [outbox for outbox in outboxes if outbox.open]
+    for outbox in outboxes:
         outbox.committed()
 
 
 def _on_session_rollback(session: Session) -> None:
-    for outbox in session.info.pop(_SESSION_KEY, []):
+    outboxes = session.info.pop(_SESSION_KEY, [])
+    session.info[_SESSION_KEY] = [outbox for outbox in outboxes if outbox.open]
+    for outbox in outboxes:
         outbox.rolled_back()
 
 
@@ -84,6 +112,7 @@ def session_transaction(session: Session) -> Iterator[Session]:
     listeners for its whole life; the waiting outboxes live in ``session.info``.
     """
     if not session.info.get("heretic_listening"):
+        event.listen(session, "before_commit", _on_session_committing)
         event.listen(session, "after_commit", _on_session_commit)
         event.listen(session, "after_rollback", _on_session_rollback)
         session.info["heretic_listening"] = True
@@ -94,6 +123,7 @@ def session_transaction(session: Session) -> Iterator[Session]:
         yield session
     finally:
         _current.reset(token)
+        outbox.open = False  # it waits for the session's next commit or rollback
 
 
 @contextlib.contextmanager
@@ -106,6 +136,7 @@ def engine_transaction(engine: Engine) -> Iterator[Connection]:
             yield connection
         finally:
             _current.reset(token)
+        outbox.committing()  # reached only when the block succeeded
     outbox.committed()  # reached only when the block and the commit succeeded
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import jobs_project
 import pytest
 import sqlalchemy as sa
+from helpers import wait_queued
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from heretic_kombu import states
+from heretic_kombu.exceptions import StoreError
 
 
 class Base(DeclarativeBase):
@@ -84,3 +86,51 @@ def test_engine_block_commits_then_publishes(app, backend, user_engine, start_wo
 def test_transaction_refuses_what_it_cannot_follow(app, user_engine):
     with user_engine.connect() as conn, pytest.raises(TypeError, match="Session or Engine"):
         app.transaction(conn)
+
+
+def test_many_sends_in_one_transaction_are_all_written_in_order_and_published(
+    app, backend, user_engine
+):
+    count = 2500  # more than one batch of rows (app.TRANSACTION_BATCH)
+    with app.transaction(user_engine) as conn:
+        conn.execute(sa.insert(Order).values(customer="hooli"))
+        results = [jobs_project.add.delay(i, 1) for i in range(count)]
+        assert app.broker.queue_size(backend.queue) == 0
+    rows = [app.store.get(result.id) for result in results]
+    assert [row.args for row in rows] == [[i, 1] for i in range(count)]
+    assert {row.status for row in rows} == {states.QUEUED}
+    assert app.broker.queue_size(backend.queue) == count
+
+
+def test_a_session_that_commits_inside_the_block_and_sends_again_loses_nothing(
+    app, backend, user_engine
+):
+    with Session(user_engine) as session:
+        with app.transaction(session):
+            first = jobs_project.add.delay(1, 1)
+            session.commit()
+            assert app.store.get(first.id) is not None
+            second = jobs_project.add.delay(2, 2)
+            session.add(Order(customer="pied piper"))
+        assert app.store.get(second.id) is None  # not committed yet
+        session.commit()
+    wait_queued(app, first.id)
+    assert wait_queued(app, second.id).args == [2, 2]
+    assert app.broker.queue_size(backend.queue) == 2
+
+
+def test_a_row_that_cannot_be_written_fails_the_commit_and_nothing_is_kept(
+    app, backend, user_engine
+):
+    taken = jobs_project.add.delay(0, 0)
+    wait_queued(app, taken.id)
+    with pytest.raises(StoreError, match="task_id"):
+        with app.transaction(user_engine) as conn:
+            conn.execute(sa.insert(Order).values(customer="soylent"))
+            fresh = jobs_project.add.delay(3, 3)
+            jobs_project.add.apply_async((4, 4), task_id=taken.id)
+    assert app.store.get(fresh.id) is None
+    assert app.store.get(taken.id).args == [0, 0]
+    assert app.broker.queue_size(backend.queue) == 1
+    with Session(user_engine) as check:
+        assert check.scalars(sa.select(Order)).all() == []
