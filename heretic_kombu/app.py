@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import canvas, protocol, result, serialization, signals, states
@@ -34,6 +34,7 @@ from .broker.core import Outgoing
 from .builtins import register_builtins
 from .config import Settings, refuse_non_json
 from .exceptions import (
+    BrokerError,
     ConfigurationError,
     HereticKombuError,
     NotRegistered,
@@ -534,14 +535,12 @@ class Heretic:
         due = [row for row in rows if row.status == states.PENDING]
         if not due:
             return
-        prepared = [self._prepare(row) for row in due]
-        errors = self.broker.publish_all([message for message, _ in prepared])
+        errors = self.publish_jobs(due)
         confirmed: list[str] = []
         mismatch: QueueMismatchError | None = None
-        for row, (_, published), error in zip(due, prepared, errors, strict=True):
+        for row, error in zip(due, errors, strict=True):
             if error is None:
                 confirmed.append(row.task_id)
-                signals.after_task_publish.send(**published)
             elif isinstance(error, QueueMismatchError):
                 # No publish can ever succeed until someone fixes the queue.
                 self.store.fail_unhandleable(row.task_id, str(error))
@@ -629,11 +628,20 @@ class Heretic:
             PublishError: the broker did not confirm the message.
             QueueMismatchError: the queue exists with other arguments.
         """
-        message, published = self._prepare(job)
-        error = self.broker.publish_all([message])[0]
+        error = self.publish_jobs([job])[0]
         if error is not None:
             raise error
-        signals.after_task_publish.send(**published)
+
+    def publish_jobs(self, jobs: Sequence[JobRow]) -> list[BrokerError | None]:
+        """Publish the messages of rows already written, all at once, and wait once for
+        the broker's confirms; per row ``None`` (confirmed) or the error, as
+        :meth:`Broker.publish_all` says. Rows are not updated here."""
+        prepared = [self._prepare(job) for job in jobs]
+        errors = self.broker.publish_all([message for message, _ in prepared])
+        for (_, published), error in zip(prepared, errors, strict=True):
+            if error is None:
+                signals.after_task_publish.send(**published)
+        return errors
 
     def _prepare(self, job: JobRow) -> tuple[Outgoing, dict[str, Any]]:
         """Encode a row's message and send ``before_task_publish``; returns the message

@@ -363,15 +363,22 @@ class JobStore:
                 changed += conn.execute(_MARK_QUEUED, {"task_ids": ids, "now": utcnow()}).rowcount
         return changed
 
-    def publish_due(self, publish: Callable[[Job], None], limit: int = 500) -> int:
-        """Publish jobs whose eta has passed and mark them ``queued``; return how many.
+    def publish_due(
+        self,
+        publish: Callable[[list[Job]], Sequence[BaseException | None]],
+        limit: int = 500,
+    ) -> tuple[int, list[BaseException]]:
+        """Publish jobs whose eta has passed and mark them ``queued``; return how many,
+        and the errors of those that could not be published (they stay due and are
+        tried again at the next call).
 
-        One scheduler acts at a time (a PostgreSQL advisory lock; SQLite's write lock on
-        the embedded default), and rows are locked with ``FOR UPDATE SKIP LOCKED`` as
-        a second guard, so with several workers each due job is published once. The
-        row is updated after the broker confirmed the publish: a crash in between
-        publishes it again later, which the claim makes harmless. Expired jobs are
-        revoked instead of published.
+        ``publish`` takes the due rows and returns, per row, ``None`` once the broker
+        confirmed its message or the error: one wait for all of them. One scheduler acts
+        at a time (a PostgreSQL advisory lock; SQLite's write lock on the embedded
+        default), and rows are locked with ``FOR UPDATE SKIP LOCKED`` as a second guard,
+        so with several workers each due job is published once. The row is updated after
+        the broker confirmed the publish: a crash in between publishes it again later,
+        which the claim makes harmless. Expired jobs are revoked instead of published.
         """
         self.ensure_schema()
         now = utcnow()
@@ -382,7 +389,7 @@ class JobStore:
                     sa.select(sa.func.pg_try_advisory_xact_lock(_SCHEDULER_LOCK_KEY))
                 ).scalar()
             ):
-                return 0  # another worker's scheduler is at it; SQLite's write lock does this
+                return 0, []  # another scheduler is at it; SQLite's write lock does this
             query = (
                 sa.select(jobs)
                 .where(jobs.c.status.in_(states.WAITING), jobs.c.eta <= now)
@@ -393,11 +400,9 @@ class JobStore:
                 query = query.with_for_update(skip_locked=True)
             due = [_to_job(row) for row in conn.execute(query)]
             expired = [j.id for j in due if j.expires_at is not None and j.expires_at <= now]
-            published = []
-            for job in due:
-                if job.id not in expired:
-                    publish(job)
-                    published.append(job.id)
+            ready = [job for job in due if job.id not in expired]
+            errors = publish(ready) if ready else []
+            published = [job.id for job, error in zip(ready, errors, strict=True) if error is None]
             if published:
                 conn.execute(
                     jobs.update()
@@ -410,7 +415,7 @@ class JobStore:
                     .where(jobs.c.id.in_(expired))
                     .values(status=states.REVOKED, error="expired", finished_at=now, updated_at=now)
                 )
-        return len(published)
+        return len(published), [error for error in errors if error is not None]
 
     # -- worker side ------------------------------------------------------
 

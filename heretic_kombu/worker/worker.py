@@ -917,12 +917,18 @@ class Worker:
             return
         self._next_tick = time.monotonic() + self.scheduler_interval
         try:
-            count = self.app.store.publish_due(self.app.publish_job)
+            count, errors = self.app.store.publish_due(self.app.publish_jobs)
         except Exception as exc:  # broker or database down: try again next tick
             logger.warning("scheduler: publishing due jobs failed (%r)", exc)
             return
         if count:
             logger.info("scheduler: published %d due job(s)", count)
+        if errors:
+            logger.warning(
+                "scheduler: %d due job(s) not published, tried again next time (%r)",
+                len(errors),
+                errors[0],
+            )
 
     def _prune(self) -> None:
         """Retention: delete finished jobs older than ``prune_older_than`` (if set), a
