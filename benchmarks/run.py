@@ -216,6 +216,14 @@ def _delete_queue(queue: str) -> None:
                 conn.default_channel.exchange_delete(name)
 
 
+def _ready_messages(queue: str) -> int:
+    """Messages in ``queue`` not yet delivered to a consumer."""
+    import kombu
+
+    with kombu.Connection(AMQP) as conn:
+        return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
+
+
 def _prepare(run: Run, project: Any) -> None:
     """Create tables and queues before any clock starts."""
     if run.impl == "heretic":
@@ -314,7 +322,12 @@ def _rss_mb(pid: int) -> float:
 
 def memory(run: Run, jobs: int) -> dict[str, dict[str, float]]:
     """Worker RSS: idle, with ``jobs`` countdown jobs (due in an hour) waiting, and the
-    peak while draining ``jobs`` jobs."""
+    peak while draining ``jobs`` jobs.
+
+    ``countdown_held`` says how many of the countdown jobs the worker's figure covers:
+    heretic's wait in the table, all of them; Celery's worker holds the messages it has
+    fetched (unacked, in memory) and fetches eta messages slowly, so its figure covers
+    only those no longer ready in the queue when the RSS is read."""
     project = run.project()
     _prepare(run, project)
     run.start_worker()
@@ -325,6 +338,7 @@ def memory(run: Run, jobs: int) -> dict[str, dict[str, float]]:
     later.apply_async(countdown=3600)
     time.sleep(20)  # Celery's worker fetches the eta messages; heretic's scheduler ticks
     waiting = _rss_mb(run.worker.pid)
+    held = jobs if run.impl == "heretic" else jobs - _ready_messages(run.queue)
     run.stop_worker()
     engine = sa.create_engine(_driver(run.database))
     if run.impl == "heretic":  # the countdown rows stay in the table; count from here
@@ -347,6 +361,7 @@ def memory(run: Run, jobs: int) -> dict[str, dict[str, float]]:
             "idle_mb": idle,
             "countdown_waiting_mb": waiting,
             "waiting_minus_idle_mb": waiting - idle,
+            "countdown_held": held,
             "draining_peak_mb": peak,
         }
     }
