@@ -142,8 +142,11 @@ class AsyncResult:
         pause = 0.002
         store = self.app.store
         listener = store.listen()  # before the first read: no ending can be missed
+        # The row is read on the listener's own connection: no pool checkout on the
+        # way from the job's end (the notification) to the caller.
+        read = self._job if listener is None else lambda: listener.get(self.id)
         check_parents = follow_parents and propagate and self.parent is not None
-        while (job := self._job()) is None or job.status not in states.TERMINAL:
+        while (job := read()) is None or job.status not in states.TERMINAL:
             if check_parents:
                 self._reraise_parent_error()
             if deadline is not None and time.monotonic() >= deadline:

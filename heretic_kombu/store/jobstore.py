@@ -173,6 +173,7 @@ class JobStore:
         self._schema_ready = False
         self._listeners = threading.local()
         self._insert_one_sql: str | None = None  # rendered for this engine's dialect
+        self._rendered: dict[Any, str] = {}  # statements rendered for the driver
 
     # -- engine and schema ------------------------------------------------
 
@@ -196,7 +197,7 @@ class JobStore:
         local = self._listeners
         listener: DoneListener | None = getattr(local, "listener", None)
         if listener is None or listener.pid != os.getpid() or listener.closed:
-            listener = local.listener = DoneListener(self.engine)
+            listener = local.listener = DoneListener(self)
         return listener
 
     @property
@@ -440,16 +441,57 @@ class JobStore:
         pays one commit per turn of its loop for what ended and what arrived."""
         if not attempts and not task_ids:
             return [], {}
+        if self.is_postgresql and not (attempts and task_ids):
+            if task_ids:
+                return [], self._claim_alone(task_ids, worker)
+            if all(item.then is None for item in attempts):
+                recorded = self._record_alone(attempts)
+                return [[] if item.task_id in recorded else None for item in attempts], {}
         with self._write() as conn:
             answers = self._record_in(conn, attempts)
             claimed = self._claim_in(conn, task_ids, worker)
         return answers, claimed
 
+    # A turn of the worker's loop that only claims, or only records attempts with no
+    # follow-up rows, is one statement: on PostgreSQL it runs as its own transaction
+    # (autocommit) on the driver's cursor. That is the path of a lone job, whose claim
+    # and outcome are necessarily two commits (invariants 2 and 3); it saves each the
+    # BEGIN round trip and SQLAlchemy's execution layer (measured here: 0.73 -> 0.52 ms
+    # for a claim). The statement is the same, and as atomic, as in a transaction; a
+    # commit whose reply is lost is as ambiguous as a lost COMMIT reply would be.
+
+    def _claim_alone(self, task_ids: Sequence[str], worker: str) -> dict[str, Job]:
+        """:meth:`claim_many` as one autocommit statement (PostgreSQL)."""
+        params = {"task_ids": list(task_ids), "worker": worker, "now": utcnow()}
+        with _driver_cursor(self.engine) as cursor:
+            cursor.execute(self._driver_sql(_CLAIM_PG), params)
+            rows = _jobs_from(cursor)
+        return {row.task_id: row for row in rows}
+
+    def _record_alone(self, attempts: Sequence[Attempt]) -> set[str]:
+        """:meth:`_record_batch` as one autocommit statement (PostgreSQL); the
+        notifications of ``heretic_done`` go out with its commit."""
+        with _driver_cursor(self.engine) as cursor:
+            cursor.execute(self._driver_sql(_RECORD_BATCH), _record_params(attempts))
+            return {str(row[0]) for row in cursor.fetchall()}
+
+    def _driver_sql(self, statement: Any) -> str:
+        """``statement`` rendered once for this engine's driver (``%(name)s`` params)."""
+        rendered = self._rendered.get(statement)
+        if rendered is None:
+            rendered = str(statement.compile(dialect=self.engine.dialect))
+            self._rendered[statement] = rendered
+        return rendered
+
     def _claim_in(self, conn: Connection, task_ids: Sequence[str], worker: str) -> dict[str, Job]:
         if not task_ids:
             return {}
         params = {"task_ids": list(task_ids), "worker": worker, "now": utcnow()}
-        rows = [_to_job(row) for row in conn.execute(_CLAIM, params)]
+        if conn.dialect.name == "postgresql":
+            # A text statement: its rows come back as the driver gives them.
+            rows = [_driver_job(dict(row._mapping)) for row in conn.execute(_CLAIM_PG, params)]
+        else:
+            rows = [_to_job(row) for row in conn.execute(_CLAIM, params)]
         return {row.task_id: row for row in rows}
 
     def revoke_expired(self, task_id: str) -> bool:
@@ -609,23 +651,7 @@ class JobStore:
         (one statement for the batch, whatever its size), which also notifies
         ``heretic_done`` of each job that ended; returns the task ids whose attempt was
         current, and so recorded. The same columns as :meth:`_record_one`."""
-        outcomes = [item.outcome for item in attempts]
-        rows = conn.execute(
-            _RECORD_BATCH,
-            {
-                "now": utcnow(),
-                "task_ids": [item.task_id for item in attempts],
-                "attempts": [item.attempt for item in attempts],
-                "statuses": [o.status for o in outcomes],
-                "results": [None if o.result is None else str(o.result) for o in outcomes],
-                "errors": [o.error for o in outcomes],
-                "tracebacks": [o.traceback for o in outcomes],
-                "lines": [o.log_line for o in outcomes],
-                "etas": [o.eta if o.status == states.RETRYING else None for o in outcomes],
-                "max_attempts": [o.max_attempts for o in outcomes],
-                "payloads": [None if o.payload is None else str(o.payload) for o in outcomes],
-            },
-        )
+        rows = conn.execute(_RECORD_BATCH, _record_params(attempts))
         return {str(row[0]) for row in rows}
 
     def _record_one(self, conn: Connection, item: Attempt) -> list[Job] | None:
@@ -827,6 +853,13 @@ class JobStore:
     def get(self, task_id: str) -> Job | None:
         """The row of ``task_id``, or ``None``."""
         self.ensure_schema()
+        if self.is_postgresql:
+            # What .get() reads: one autocommit statement on the driver (a read through
+            # SQLAlchemy costs BEGIN, SELECT and ROLLBACK round trips: 0.7 -> 0.35 ms).
+            with _driver_cursor(self.engine) as cursor:
+                cursor.execute(self._driver_sql(_GET), {"task_id": task_id})
+                found = _jobs_from(cursor)
+            return found[0] if found else None
         with self._read() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.task_id == task_id)).first()
         return _to_job(row) if row is not None else None
@@ -841,6 +874,11 @@ class JobStore:
     def status_of(self, task_id: str) -> str | None:
         """Just the status of ``task_id`` (cheap enough to poll), or ``None``."""
         self.ensure_schema()
+        if self.is_postgresql:  # as in get(): one statement, no transaction around it
+            with _driver_cursor(self.engine) as cursor:
+                cursor.execute(self._driver_sql(_STATUS), {"task_id": task_id})
+                row = cursor.fetchone()
+            return None if row is None else str(row[0])
         with self._read() as conn:
             return conn.execute(
                 sa.select(jobs.c.status).where(jobs.c.task_id == task_id)
@@ -917,9 +955,11 @@ class JobStore:
 class DoneListener:
     """A connection of its own that LISTENs on ``heretic_done`` (PostgreSQL)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, store: JobStore) -> None:
         self.pid = os.getpid()
-        self._raw = engine.raw_connection()
+        self._store = store
+        self._get_sql = store._driver_sql(_GET)
+        self._raw = store.engine.raw_connection()
         connection: Any = self._raw.driver_connection
         connection.autocommit = True
         self._conn = connection
@@ -929,6 +969,23 @@ class DoneListener:
     @property
     def closed(self) -> bool:
         return bool(self._conn.closed)
+
+    def get(self, task_id: str) -> Job | None:
+        """:meth:`JobStore.get`, read on this connection: already checked out and in
+        autocommit, it saves ``.get()`` the pool's checkout and check-in on each read,
+        the last of which is on the path from the job's end to the caller. A
+        notification that comes in meanwhile stays in the connection's list, where
+        :meth:`wait` finds it. On an error the pool's connections read instead."""
+        if not self.closed:
+            try:
+                with self._conn.cursor() as cursor:
+                    cursor.execute(self._get_sql, {"task_id": task_id})
+                    found = _jobs_from(cursor)
+                return found[0] if found else None
+            except Exception:
+                if self.closed:  # lost: the next listen() opens another
+                    self._raw.invalidate()
+        return self._store.get(task_id)
 
     def wait(self, task_id: str, timeout: float) -> bool:
         """Wait up to ``timeout`` s for ``task_id`` to be announced as ended; ``True`` if
@@ -982,8 +1039,9 @@ class _ConnectionLost(StoreError):
 @contextlib.contextmanager
 def _driver_cursor(engine: Engine) -> Iterator[Any]:
     """A DBAPI cursor on a pooled connection in autocommit, for a statement sent without
-    SQLAlchemy's execution layer. Driver errors become :class:`StoreError`, and a
-    connection the driver reports as lost is dropped from the pool."""
+    SQLAlchemy's execution layer. Driver errors become :class:`StoreError`. A connection
+    the driver reports as lost is dropped, and the pool's others with it (as SQLAlchemy
+    does): the server went away, so they are most likely gone too."""
     raw = engine.raw_connection()
     driver: Any = raw.driver_connection
     cursor = None
@@ -994,6 +1052,7 @@ def _driver_cursor(engine: Engine) -> Iterator[Any]:
     except engine.dialect.loaded_dbapi.Error as exc:
         if engine.dialect.is_disconnect(exc, driver, cursor):
             raw.invalidate(exc)
+            engine.dispose()  # the connections in use are discarded when given back
             raise _ConnectionLost(f"job store error: {exc!r}") from exc
         raise StoreError(f"job store error: {exc!r}") from exc
     finally:
@@ -1090,7 +1149,29 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
 
 
 def _to_job(row: Any) -> Job:
-    data = dict(row._mapping)
+    return _job_from(dict(row._mapping))
+
+
+#: Columns of type uuid: SQLAlchemy hands them over as text, the bare driver as UUID.
+_UUID_COLUMNS = ("task_id", "parent_id", "root_id", "group_id")
+
+
+def _jobs_from(cursor: Any) -> list[Job]:
+    """The rows of a driver cursor that selected or returned every column of the job
+    table, as SQLAlchemy's typed statements return them."""
+    names = [column[0] for column in cursor.description]
+    return [_driver_job(dict(zip(names, values, strict=True))) for values in cursor.fetchall()]
+
+
+def _driver_job(data: dict[str, Any]) -> Job:
+    """A job from every column of a row as the driver returned it (uuids as UUID)."""
+    for key in _UUID_COLUMNS:
+        if data[key] is not None:
+            data[key] = str(data[key])
+    return _job_from(data)
+
+
+def _job_from(data: dict[str, Any]) -> Job:
     for key in (
         "created_at",
         "updated_at",
@@ -1119,6 +1200,7 @@ def _row_test(condition: Any) -> Any:
     return condition.is_(sa.true())
 
 
+# The claim on SQLite; PostgreSQL runs _CLAIM_PG, the same statement over an array.
 _CLAIM = (
     jobs.update()
     .where(
@@ -1141,6 +1223,37 @@ _CLAIM = (
         updated_at=sa.bindparam("now"),
     )
     .returning(*jobs.c)
+)
+
+#: A job's row and its status, by task id (AsyncResult's reads).
+_GET = sa.select(jobs).where(jobs.c.task_id == sa.bindparam("task_id"))
+_STATUS = sa.select(jobs.c.status).where(jobs.c.task_id == sa.bindparam("task_id"))
+
+
+def _sql_list(values: Sequence[str]) -> str:
+    return ", ".join(f"'{value}'" for value in values)
+
+
+# _CLAIM on PostgreSQL, as text: the ids come as one array, so the statement's text is
+# the same for any batch size and can be rendered once for the driver (the autocommit
+# claim of a lone job, JobStore._claim_alone). Keep it equal to _CLAIM: the same test
+# on the rows found by task id, the same columns set, every column returned.
+_CLAIM_PG = sa.text(
+    f"""
+UPDATE heretic_jobs SET
+    status = '{states.STARTED}',
+    attempts = attempts + 1,
+    worker = :worker,
+    started_at = :now,
+    last_attempted_at = :now,
+    finished_at = NULL,
+    updated_at = :now
+WHERE task_id = ANY(CAST(:task_ids AS uuid[]))
+    AND (status IN ({_sql_list(states.READY)})
+        OR (status IN ({_sql_list(states.WAITING)}) AND eta <= :now)) IS TRUE
+    AND (expires_at IS NULL OR expires_at > :now)
+RETURNING {", ".join(column.name for column in jobs.c)}
+"""
 )
 
 # record_attempts on PostgreSQL: the values of every attempt come as parallel arrays,
@@ -1176,6 +1289,24 @@ SELECT task_id, CASE WHEN status IN ({", ".join(f"'{s}'" for s in sorted(states.
 FROM recorded
 """
 )
+
+
+def _record_params(attempts: Sequence[Attempt]) -> dict[str, Any]:
+    """The parameters of :data:`_RECORD_BATCH`: one array per column."""
+    outcomes = [item.outcome for item in attempts]
+    return {
+        "now": utcnow(),
+        "task_ids": [item.task_id for item in attempts],
+        "attempts": [item.attempt for item in attempts],
+        "statuses": [o.status for o in outcomes],
+        "results": [None if o.result is None else str(o.result) for o in outcomes],
+        "errors": [o.error for o in outcomes],
+        "tracebacks": [o.traceback for o in outcomes],
+        "lines": [o.log_line for o in outcomes],
+        "etas": [o.eta if o.status == states.RETRYING else None for o in outcomes],
+        "max_attempts": [o.max_attempts for o in outcomes],
+        "payloads": [None if o.payload is None else str(o.payload) for o in outcomes],
+    }
 
 
 def _current_attempt(task_id: str, attempt: int) -> Any:

@@ -434,3 +434,59 @@ def test_prefetch_grows_while_jobs_are_short_and_shrinks_for_long_ones(app, star
     slow = [jobs_project.slow.delay(0.3) for _ in range(4)]
     assert [r.get(timeout=30) for r in slow] == [0.3] * 4
     wait_for(lambda: "prefetch 8 (jobs take" in worker.log(), 15, "the configured prefetch")
+
+
+def test_a_turn_claims_and_records_alike_in_one_statement_or_one_transaction(app):
+    """The worker's turn that only claims, or only records, is one statement (on
+    PostgreSQL, autocommit on the driver); one that does both is a transaction. The rows
+    and answers are the same either way, and a stale attempt or a taken job is refused."""
+    from heretic_kombu import serialization
+    from heretic_kombu.store import Attempt, AttemptResult, NewJob
+
+    store = app.store
+    store.ensure_schema()
+    parent = str(uuid.uuid4())
+    new = [
+        NewJob(
+            task_id=str(uuid.uuid4()),
+            task_name="t",
+            queue_name="q",
+            payload=serialization.dumps({"args": [i], "kwargs": {"k": "v"}}),
+            max_attempts=2,
+            parent_id=parent,
+        )
+        for i in range(3)
+    ]
+    store.insert_plan(new)
+    first, second, third = (job.task_id for job in new)
+
+    def done(task_id, attempt):
+        line = f"attempt {attempt} done"
+        result = serialization.RawJSON('{"ok": 1}')
+        return Attempt(task_id, attempt, AttemptResult(states.SUCCEEDED, line, result=result))
+
+    answers, claimed = store.record_and_claim([], [first], "w")  # claim alone
+    assert answers == [] and list(claimed) == [first]
+    job = claimed[first]
+    assert (job.status, job.attempts, job.worker, job.parent_id) == ("started", 1, "w", parent)
+    assert (job.args, job.kwargs) == ([0], {"k": "v"})
+    assert store.record_and_claim([], [first], "w")[1] == {}  # taken: nothing to claim
+
+    # Both in one turn: a transaction.
+    answers, claimed = store.record_and_claim([done(first, 1)], [second, third], "w")
+    assert answers == [[]] and sorted(claimed) == sorted([second, third])
+    assert all(isinstance(j.task_id, str) and j.status == "started" for j in claimed.values())
+
+    # Record alone, with a stale attempt beside a current one.
+    answers, _ = store.record_and_claim([done(second, 1), done(third, 7)], [], "w")
+    assert answers == [[], None]
+    for task_id in (first, second):
+        row_now = store.get(task_id)
+        assert (row_now.status, row_now.result, row_now.attempt_logs) == (
+            "succeeded",
+            {"ok": 1},
+            ["attempt 1 done"],
+        )
+        assert store.status_of(task_id) == "succeeded"
+    assert store.get(third).status == "started"
+    assert store.get(str(uuid.uuid4())) is None and store.status_of(str(uuid.uuid4())) is None
