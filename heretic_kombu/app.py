@@ -659,7 +659,7 @@ class Heretic:
             group=job.group_id,
             job_id=job.id,
             priority=job.priority,
-            embed={key: workflow.get(key) for key in _EMBED_KEYS},
+            embed={key: workflow.get(key) for key in canvas.LINKS},
             group_index=workflow.get("group_index"),
             timelimit=tuple(workflow.get("timelimit") or (None, None)),  # type: ignore[arg-type]
         )
@@ -719,10 +719,6 @@ def _discover(packages: Any, related_name: str) -> None:
         except ModuleNotFoundError as exc:
             if exc.name != module:  # the module exists but fails to import: say so
                 raise
-
-
-#: The workflow keys a Celery message carries in its embed.
-_EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 #: Options that describe the workflow rather than the one job.
 _WORKFLOW_OPTIONS = ("link", "link_error", "chain", "chord", "group_id", "group_index")
+#: The workflow keys of a job's row, as a Celery message's embed carries them: what
+#: :func:`next_steps` plans from once the job ends.
+LINKS = ("callbacks", "errbacks", "chain", "chord")
 
 
 class Signature(dict):  # type: ignore[type-arg]

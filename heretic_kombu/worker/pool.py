@@ -150,6 +150,9 @@ class _Child:
 #: Seconds a child may outlive the signal of revoke(terminate=True) before SIGKILL
 #: (children ignore SIGTERM and SIGINT, which a warm shutdown must not pass on to jobs).
 TERMINATE_GRACE = 1.0
+#: Seconds between two checks of the hard time limits and terminations by the reader
+#: thread (it also looks when a wait ends with nothing to read).
+LIMITS_CHECK_INTERVAL = 0.05
 
 
 class PreforkPool(Pool):
@@ -170,6 +173,7 @@ class PreforkPool(Pool):
         for _ in range(self.concurrency):
             self._children.append(self._spawn())
         self._closing = False
+        self._next_limits_check = 0.0
         self._reader = threading.Thread(target=self._read_loop, name="heretic-pool", daemon=True)
         self._reader.start()
 
@@ -270,7 +274,10 @@ class PreforkPool(Pool):
                 by_conn = {c.conn: c for c in self._children if not c.dead}
                 by_sentinel = {c.process.sentinel: c for c in self._children if not c.dead}
             ready = multiprocessing.connection.wait([*by_conn, *by_sentinel], timeout=0.2)
-            self._enforce_limits()
+            # Not after every outcome: a busy pool ends hundreds of jobs a second.
+            if not ready or time.monotonic() >= self._next_limits_check:
+                self._next_limits_check = time.monotonic() + LIMITS_CHECK_INTERVAL
+                self._enforce_limits()
             for item in ready:
                 child = by_conn.get(item) or by_sentinel.get(item)  # type: ignore[call-overload,arg-type]
                 if child is None or child.dead:

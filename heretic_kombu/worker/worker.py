@@ -555,7 +555,7 @@ class Worker:
         results: list[AttemptResult],
         answers: list[list[Job] | None],
     ) -> None:
-        for (delivery, job, _), followups in zip(finished, answers, strict=True):
+        for (_, job, _), followups in zip(finished, answers, strict=True):
             if followups is None:
                 logger.warning(
                     "Task %s[%s] attempt %d was superseded; its outcome is not recorded",
@@ -563,8 +563,9 @@ class Worker:
                     job.task_id,
                     job.attempts,
                 )
-            # Only now, with the outcome committed, may the message go (invariant 2).
-            self._subscription.ack(delivery)  # type: ignore[union-attr]
+        # Only now, with the outcomes committed, may the messages go (invariant 2): in
+        # one frame on RabbitMQ when their delivery tags allow it.
+        self._subscription.ack_many([delivery for delivery, _, _ in finished])  # type: ignore[union-attr]
         for (_, job, outcome), result, followups in zip(finished, results, answers, strict=True):
             if followups:
                 self._deliver(followups)
@@ -595,6 +596,10 @@ class Worker:
     def _next_steps(self, job: Job, result: AttemptResult) -> NextSteps | None:
         """Plan what the job's workflow sends next (callbacks, chain, chord, errbacks)."""
         if not job.workflow or result.status not in (states.SUCCEEDED, states.FAILED):
+            return None
+        if not any(job.workflow.get(key) for key in canvas.LINKS):
+            # Nothing can follow (e.g. a group member: only its group_index): no plan,
+            # and the turn stays a single statement (JobStore.record_and_claim).
             return None
         value = serialization.loads(result.result) if result.result else None
         try:
@@ -1042,9 +1047,7 @@ def _when(value: Any) -> float | dt.datetime | None:
 
 def _workflow_of(message: protocol.TaskMessage) -> serialization.RawJSON | None:
     """The canvas links a Celery client put in a message's embed, for the job's row."""
-    workflow: dict[str, Any] = {
-        key: message.embed.get(key) for key in ("callbacks", "errbacks", "chain", "chord")
-    }
+    workflow: dict[str, Any] = {key: message.embed.get(key) for key in canvas.LINKS}
     if message.group_index is not None:
         workflow["group_index"] = message.group_index
     if message.timelimit != (None, None):

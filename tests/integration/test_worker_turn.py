@@ -1,0 +1,68 @@
+"""The worker's turn on PostgreSQL and RabbitMQ: the record of ended attempts and the
+claim of arrived messages as one statement (JobStore.record_and_claim), and the acks of
+a turn in as few frames as their delivery tags allow (Subscription.ack_many)."""
+
+from __future__ import annotations
+
+import time
+
+import jobs_project
+import pytest
+from helpers import wait_queued
+
+from heretic_kombu import states
+from heretic_kombu.store import Attempt, AttemptResult
+
+ON_SERVICES = [pytest.param("services", marks=pytest.mark.services)]
+
+
+@pytest.mark.parametrize("backend", ON_SERVICES, indirect=True)
+def test_one_statement_records_claims_and_announces(app, backend):
+    store = app.store
+    ids = [jobs_project.add.delay(i, i).id for i in range(4)]
+    for task_id in ids:
+        wait_queued(app, task_id, timeout=5)
+    answers, claimed = store.record_and_claim([], ids[:2], "w1")
+    assert answers == [] and set(claimed) == set(ids[:2])
+    for task_id in ids[:2]:  # the row as it is now, every column
+        assert claimed[task_id] == store.get(task_id)
+    assert claimed[ids[0]].args == [0, 0] and claimed[ids[0]].attempts == 1
+
+    listener = store.listen()
+    ended = [
+        Attempt(ids[0], 1, AttemptResult(states.SUCCEEDED, "done", result="0")),
+        Attempt(ids[1], 2, AttemptResult(states.SUCCEEDED, "stale")),  # not the current attempt
+    ]
+    # ids[0] is recorded and not claimed again by the same statement; ids[2] is claimed.
+    answers, claimed = store.record_and_claim(ended, [ids[0], ids[2]], "w1")
+    assert answers == [[], None]
+    assert set(claimed) == {ids[2]}
+    assert listener is not None and listener.wait(ids[0], 5)
+    done = store.get(ids[0])
+    assert done.status == states.SUCCEEDED and done.result == 0
+    assert done.attempt_logs == ["done"] and done.finished_at is not None
+    assert store.get(ids[1]).status == states.STARTED  # the stale attempt changed nothing
+    assert store.get(ids[3]).status == states.QUEUED
+
+
+@pytest.mark.parametrize("backend", ON_SERVICES, indirect=True)
+def test_ack_many_acks_exactly_the_deliveries_given(app, backend):
+    for i in range(6):
+        jobs_project.add.delay(i, 0)
+    received = []
+    subscription = app.broker.subscribe([backend.queue], received.append, 6)
+    try:
+        deadline = time.monotonic() + 10
+        while len(received) < 6 and time.monotonic() < deadline:
+            subscription.drain(0.2)
+        assert len(received) == 6
+        first, second, third, fourth, fifth, sixth = received
+        subscription.ack(second)
+        # One multiple ack up to third (second, acked already, is no hole), then fifth
+        # alone: fourth is still held, so no multiple ack may cover fifth.
+        subscription.ack_many([first, third, fifth])
+    finally:
+        subscription.close()
+    # Closing the connection gives back what was not acked: fourth and sixth only (an
+    # ack of an unknown or settled tag would have closed the channel: all six back).
+    assert app.broker.queue_size(backend.queue) == 2
