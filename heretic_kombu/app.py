@@ -557,8 +557,12 @@ class Heretic:
         caller's connection, many to a statement (see :mod:`heretic_kombu.transaction`)."""
         waiting = self._unwritten.get(outbox)
         if waiting is None:
+            # Open the caller's transaction now (a session's is begun lazily): its
+            # rollback must reach us even if nothing else was written in it.
+            outbox.connection()
             waiting = self._unwritten[outbox] = canvas.Plan()
             outbox.before_commit(lambda: self._write_unwritten(outbox, self._unwritten.pop(outbox)))
+            outbox.after_rollback(lambda: _drop(self._unwritten, outbox))
         waiting.extend(planned)
         if len(waiting.jobs) >= TRANSACTION_BATCH:
             self._write_unwritten(outbox, waiting)
@@ -578,6 +582,7 @@ class Heretic:
         if waiting is None:
             waiting = self._committing[outbox] = []
             outbox.after_commit(lambda: self.deliver_all(self._committing.pop(outbox, [])))
+            outbox.after_rollback(lambda: _drop(self._committing, outbox))
         waiting.extend(rows)
 
     def _hand_over(self, row: JobRow) -> None:
@@ -719,6 +724,11 @@ def _discover(packages: Any, related_name: str) -> None:
         except ModuleNotFoundError as exc:
             if exc.name != module:  # the module exists but fails to import: say so
                 raise
+
+
+def _drop(waiting: weakref.WeakKeyDictionary[Outbox, Any], outbox: Outbox) -> None:
+    """Forget what waited for ``outbox``'s commit: its transaction rolled back."""
+    waiting.pop(outbox, None)
 
 
 def _as_list(value: Any) -> list[Any]:

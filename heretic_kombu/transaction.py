@@ -40,6 +40,7 @@ class Outbox:
         self.open = True
         self._before_commit: list[Callable[[], None]] = []
         self._after_commit: list[Callable[[], None]] = []
+        self._after_rollback: list[Callable[[], None]] = []
 
     def before_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` just before the caller's transaction commits, inside it; an
@@ -50,17 +51,19 @@ class Outbox:
         """Run ``callback`` once the caller's transaction has committed."""
         self._after_commit.append(callback)
 
+    def after_rollback(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` if the caller's transaction rolls back (what waited for its
+        commit is dropped)."""
+        self._after_rollback.append(callback)
+
     def committing(self) -> None:
         callbacks, self._before_commit = self._before_commit, []
         for callback in callbacks:
             callback()
 
-    @property
-    def waiting(self) -> bool:
-        return bool(self._after_commit)
-
     def committed(self) -> None:
         callbacks, self._after_commit = self._after_commit, []
+        self._after_rollback = []
         for callback in callbacks:
             try:
                 callback()
@@ -68,8 +71,10 @@ class Outbox:
                 logger.exception("publishing after commit failed; the job stays pending")
 
     def rolled_back(self) -> None:
-        self._before_commit = []
-        self._after_commit = []
+        callbacks = self._after_rollback
+        self._before_commit, self._after_commit, self._after_rollback = [], [], []
+        for callback in callbacks:
+            callback()
 
 
 _current: contextvars.ContextVar[Outbox | None] = contextvars.ContextVar(

@@ -134,3 +134,16 @@ def test_a_row_that_cannot_be_written_fails_the_commit_and_nothing_is_kept(
     assert app.broker.queue_size(backend.queue) == 1
     with Session(user_engine) as check:
         assert check.scalars(sa.select(Order)).all() == []
+
+
+def test_sends_after_a_rollback_inside_the_block_go_with_the_next_commit(app, backend, user_engine):
+    with Session(user_engine) as session:
+        with app.transaction(session):
+            dropped = jobs_project.add.delay(1, 1)
+            session.rollback()
+            kept = jobs_project.add.delay(2, 2)
+            session.add(Order(customer="initrode"))
+        session.commit()
+    assert app.store.get(dropped.id) is None
+    assert wait_queued(app, kept.id).args == [2, 2]
+    assert app.broker.queue_size(backend.queue) == 1
