@@ -174,7 +174,6 @@ class JobStore:
         self._pid = os.getpid()
         self._schema_ready = False
         self._listeners = threading.local()
-        self._insert_one_sql: str | None = None  # rendered for this engine's dialect
         self._rendered: dict[Any, str] = {}  # statements rendered for the driver
         #: Driver connections on which the worker's turn statement is prepared.
         self._turn_prepared: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -326,8 +325,6 @@ class JobStore:
         driver's INSERT (the durable commit).
         """
         params = _row_params(job)
-        if self._insert_one_sql is None:
-            self._insert_one_sql = str(_INSERTS[True].compile(dialect=self.engine.dialect))
         try:
             row_id = self._insert_returning_id(params)
         except _ConnectionLost:
@@ -340,7 +337,7 @@ class JobStore:
 
     def _insert_returning_id(self, params: dict[str, Any]) -> int:
         with _driver_cursor(self.engine) as cursor:
-            cursor.execute(self._insert_one_sql, params)
+            cursor.execute(self._driver_sql(_INSERTS[True]), params)
             return int(cursor.fetchone()[0])
 
     def insert_if_missing(self, job: NewJob) -> None:
