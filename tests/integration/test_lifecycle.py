@@ -240,6 +240,14 @@ def test_sigterm_finishes_running_jobs_and_loses_nothing(app, start_worker, tmp_
     results = [jobs_project.slow.delay(0.5, str(marker)) for _ in range(12)]
     first = start_worker(concurrency=2)
     wait_for(marker.exists, 30, "a job to start")
+    # More jobs claimed than the pool runs at once: some wait in the pool for a slot.
+    # (A broker that delivers one message at a time could otherwise be stopped with
+    # only the running pair claimed, and there would be nothing to hand back.)
+    wait_for(
+        lambda: [row(app, r).status for r in results].count(states.STARTED) > 2,
+        30,
+        "more jobs claimed than run at once",
+    )
     assert first.terminate(timeout=30) == 0
     log = first.log()
     assert "warm shutdown" in log
