@@ -22,7 +22,6 @@ import importlib
 import logging
 import os
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -47,17 +46,16 @@ from .sender import Sender, stays_pending
 from .store import Job as JobRow
 from .store import JobStore, NewJob, utcnow
 from .task import Task, current_request, make_task
-from .transaction import Outbox, current_outbox
+from .transaction import current_outbox
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
     from .jobs import Jobs
 
 logger = logging.getLogger("heretic_kombu")
 
 EVENTS = ("job_error", "job_failed")
-#: Jobs sent inside a caller's transaction are written this many to a batch, at the
-#: latest just before the commit (see :mod:`heretic_kombu.transaction`).
-TRANSACTION_BATCH = 1000
 
 _shared_tasks: list[Task] = []
 _apps: list[Heretic] = []
@@ -121,13 +119,6 @@ class Heretic:
         self._broker: Broker | None = None
         self._sender: Sender | None = None
         self._sender_lock = threading.Lock()
-        # Rows written in a caller's transaction, published together after its commit.
-        self._committing: weakref.WeakKeyDictionary[Outbox, list[JobRow]] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._unwritten: weakref.WeakKeyDictionary[Outbox, canvas.Plan] = (
-            weakref.WeakKeyDictionary()
-        )
         self.conf = Config(self)
         if broker:
             self.conf["broker_url"] = broker
@@ -511,7 +502,7 @@ class Heretic:
         """
         outbox = current_outbox()
         if outbox is not None:
-            self._write_before_commit(outbox, planned)
+            outbox.add(self, planned, len(planned.jobs))
             return
         rows = self.store.insert_plan(planned.jobs, planned.chords)
         if len(rows) == 1 and not wait:
@@ -551,39 +542,13 @@ class Heretic:
         if mismatch is not None:
             raise mismatch
 
-    def _write_before_commit(self, outbox: Outbox, planned: canvas.Plan) -> None:
-        """Keep a plan sent inside the caller's transaction until just before it commits
-        (or until :data:`TRANSACTION_BATCH` jobs wait), then write the rows through the
-        caller's connection, many to a statement (see :mod:`heretic_kombu.transaction`)."""
-        waiting = self._unwritten.get(outbox)
-        if waiting is None:
-            # Open the caller's transaction now (a session's is begun lazily): its
-            # rollback must reach us even if nothing else was written in it.
-            outbox.connection()
-            waiting = self._unwritten[outbox] = canvas.Plan()
-            outbox.before_commit(lambda: self._write_unwritten(outbox, self._unwritten.pop(outbox)))
-            outbox.after_rollback(lambda: _drop(self._unwritten, outbox))
-        waiting.extend(planned)
-        if len(waiting.jobs) >= TRANSACTION_BATCH:
-            self._write_unwritten(outbox, waiting)
-            self._unwritten[outbox] = canvas.Plan()
-
-    def _write_unwritten(self, outbox: Outbox, waiting: canvas.Plan) -> None:
-        if waiting.jobs or waiting.chords:
-            rows = self.store.insert_plan(
-                waiting.jobs, waiting.chords, connection=outbox.connection()
-            )
-            self._deliver_after_commit(outbox, rows)
-
-    def _deliver_after_commit(self, outbox: Outbox, rows: list[JobRow]) -> None:
-        """Publish ``rows`` once the caller's transaction commits, together with every
-        other row written in it: one :meth:`deliver_all`, one wait for confirms."""
-        waiting = self._committing.get(outbox)
-        if waiting is None:
-            waiting = self._committing[outbox] = []
-            outbox.after_commit(lambda: self.deliver_all(self._committing.pop(outbox, [])))
-            outbox.after_rollback(lambda: _drop(self._committing, outbox))
-        waiting.extend(rows)
+    def write_sent(self, connection: Connection, sent: list[canvas.Plan]) -> list[JobRow]:
+        """Write the plans sent inside a caller's transaction through its connection, many
+        rows to a statement (see :mod:`heretic_kombu.transaction`)."""
+        merged = canvas.Plan()
+        for planned in sent:
+            merged.extend(planned)
+        return self.store.insert_plan(merged.jobs, merged.chords, connection=connection)
 
     def _hand_over(self, row: JobRow) -> None:
         """Give a committed row's message to the process's sender, which publishes it
@@ -724,11 +689,6 @@ def _discover(packages: Any, related_name: str) -> None:
         except ModuleNotFoundError as exc:
             if exc.name != module:  # the module exists but fails to import: say so
                 raise
-
-
-def _drop(waiting: weakref.WeakKeyDictionary[Outbox, Any], outbox: Outbox) -> None:
-    """Forget what waited for ``outbox``'s commit: its transaction rolled back."""
-    waiting.pop(outbox, None)
 
 
 def _as_list(value: Any) -> list[Any]:

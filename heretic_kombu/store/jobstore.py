@@ -220,6 +220,9 @@ class JobStore:
         Idempotent, and safe when several processes run it at once. Returns ``True``
         if anything was created or changed.
         """
+        if self._schema_is_current():
+            self._schema_ready = True
+            return False
         with self._write() as conn:
             if self.is_postgresql:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_INIT_LOCK_KEY)))
@@ -254,6 +257,15 @@ class JobStore:
             )
         self._schema_ready = True
         return True
+
+    def _schema_is_current(self) -> bool:
+        """Whether this version's schema is in place, read without taking a write lock
+        (on SQLite, another connection may hold it: a caller's open transaction)."""
+        with self._read() as conn:
+            if not sa.inspect(conn).has_table(schema_version.name):
+                return False
+            version = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+        return bool(version == SCHEMA_VERSION)
 
     def ensure_schema(self) -> None:
         """Create the schema on first use in this process (zero-configuration start)."""
@@ -1142,8 +1154,11 @@ def _tune_sqlite(engine: Engine) -> None:
         # Let SQLAlchemy's begin event decide how transactions start.
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
         cursor.execute("PRAGMA busy_timeout=30000")
+        # Readers never wait for the writer. The mode stays with the file; switching
+        # it takes a lock that another connection's open write transaction would hold.
+        if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")  # durable across crashes of the process
         cursor.close()
 

@@ -8,8 +8,9 @@ import sqlalchemy as sa
 from helpers import wait_queued
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from heretic_kombu import states
+from heretic_kombu import states, transaction
 from heretic_kombu.exceptions import StoreError
+from heretic_kombu.store import JobStore
 
 
 class Base(DeclarativeBase):
@@ -91,7 +92,7 @@ def test_transaction_refuses_what_it_cannot_follow(app, user_engine):
 def test_many_sends_in_one_transaction_are_all_written_in_order_and_published(
     app, backend, user_engine
 ):
-    count = 2500  # more than one batch of rows (app.TRANSACTION_BATCH)
+    count = 2500  # more than one batch of rows (transaction.TRANSACTION_BATCH)
     with app.transaction(user_engine) as conn:
         conn.execute(sa.insert(Order).values(customer="hooli"))
         results = [jobs_project.add.delay(i, 1) for i in range(count)]
@@ -147,3 +148,102 @@ def test_sends_after_a_rollback_inside_the_block_go_with_the_next_commit(app, ba
     assert app.store.get(dropped.id) is None
     assert wait_queued(app, kept.id).args == [2, 2]
     assert app.broker.queue_size(backend.queue) == 1
+
+
+def _kept(app, results):
+    """Which of the sent jobs have a row (after the commit)."""
+    return [app.store.get(result.id) is not None for result in results]
+
+
+def test_a_rolled_back_savepoint_drops_only_the_jobs_sent_inside_it(app, backend, user_engine):
+    with Session(user_engine) as session:
+        with app.transaction(session):
+            before = jobs_project.add.delay(1, 1)
+            savepoint = session.begin_nested()
+            inside = jobs_project.add.delay(2, 2)
+            session.add(Order(customer="vandelay"))
+            savepoint.rollback()
+            after = jobs_project.add.delay(3, 3)
+            with session.begin_nested():  # released: its job waits for the real commit
+                released = jobs_project.add.delay(4, 4)
+            assert app.store.get(released.id) is None
+            assert app.broker.queue_size(backend.queue) == 0
+        session.commit()
+    assert _kept(app, [before, inside, after, released]) == [True, False, True, True]
+    for result in (before, after, released):
+        wait_queued(app, result.id)
+    assert app.broker.queue_size(backend.queue) == 3
+    with Session(user_engine) as check:
+        assert check.scalars(sa.select(Order)).all() == []
+
+
+def test_savepoints_inside_savepoints_and_a_batch_written_inside_one(app, backend, user_engine):
+    with Session(user_engine) as session:
+        with app.transaction(session):
+            outer_job = jobs_project.add.delay(0, 0)
+            outer = session.begin_nested()
+            # More than a batch: rows are written inside the savepoint before it ends.
+            many = [jobs_project.add.delay(i, 1) for i in range(transaction.TRANSACTION_BATCH + 5)]
+            inner = session.begin_nested()
+            inner_job = jobs_project.add.delay(9, 9)
+            inner.commit()  # released into `outer`...
+            outer.rollback()  # ...which takes it down with everything else sent inside
+            last = jobs_project.add.delay(5, 5)
+        session.commit()
+    assert _kept(app, [outer_job, last]) == [True, True]
+    assert not any(_kept(app, [*many, inner_job]))
+    wait_queued(app, last.id)
+    assert app.broker.queue_size(backend.queue) == 2
+
+
+def test_a_savepoint_begun_before_the_block_takes_the_blocks_jobs_on_rollback(
+    app, backend, user_engine
+):
+    # The job table is in place, made by another process, as in any deployed app. This
+    # process's first use of it comes while the session holds SQLite's write lock.
+    other_process = JobStore(backend.database_url)
+    other_process.create_schema()
+    other_process.dispose()
+    with Session(user_engine) as session:
+        session.add(Order(customer="kramerica"))
+        session.flush()
+        savepoint = session.begin_nested()
+        with app.transaction(session):
+            result = jobs_project.add.delay(1, 2)
+        savepoint.rollback()
+        session.commit()
+    assert app.store.get(result.id) is None
+    assert app.broker.queue_size(backend.queue) == 0
+    with Session(user_engine) as check:
+        assert [o.customer for o in check.scalars(sa.select(Order))] == ["kramerica"]
+
+
+def test_an_engine_blocks_savepoints_are_followed(app, backend, user_engine):
+    with app.transaction(user_engine) as conn:
+        kept = jobs_project.add.delay(1, 1)
+        with pytest.raises(RuntimeError), conn.begin_nested():
+            dropped = jobs_project.add.delay(2, 2)
+            raise RuntimeError("card declined")
+        with conn.begin_nested():
+            released = jobs_project.add.delay(3, 3)
+    assert _kept(app, [kept, dropped, released]) == [True, False, True]
+    wait_queued(app, released.id)
+    assert app.broker.queue_size(backend.queue) == 2
+
+
+def test_a_commit_that_fails_after_the_rows_are_written_keeps_no_job(app, backend, user_engine):
+    """The rows go through the caller's own connection: they die with its transaction
+    even when it fails after heretic wrote them (here, a later before_commit hook)."""
+    with Session(user_engine) as session:
+        with app.transaction(session):
+            result = jobs_project.add.delay(6, 7)
+
+        def audit_refuses(session):
+            raise RuntimeError("audit log unavailable")
+
+        sa.event.listen(session, "before_commit", audit_refuses)
+        with pytest.raises(RuntimeError, match="audit"):
+            session.commit()
+        session.rollback()
+    assert app.store.get(result.id) is None
+    assert app.broker.queue_size(backend.queue) == 0
