@@ -8,7 +8,8 @@ import time
 
 import jobs_project
 import pytest
-from helpers import wait_queued
+import sqlalchemy as sa
+from helpers import wait_for, wait_queued
 
 from heretic_kombu import states
 from heretic_kombu.store import Attempt, AttemptResult
@@ -43,6 +44,9 @@ def test_one_statement_records_claims_and_announces(app, backend):
     assert done.attempt_logs == ["done"] and done.finished_at is not None
     assert store.get(ids[1]).status == states.STARTED  # the stale attempt changed nothing
     assert store.get(ids[3]).status == states.QUEUED
+    # Invariant 3: a redelivered message of a finished (or running) job claims nothing.
+    assert store.record_and_claim([], [ids[0], ids[2]], "w2") == ([], {})
+    assert store.get(ids[0]) == done
 
 
 @pytest.mark.parametrize("backend", ON_SERVICES, indirect=True)
@@ -66,3 +70,47 @@ def test_ack_many_acks_exactly_the_deliveries_given(app, backend):
     # Closing the connection gives back what was not acked: fourth and sixth only (an
     # ack of an unknown or settled tag would have closed the channel: all six back).
     assert app.broker.queue_size(backend.queue) == 2
+
+
+@pytest.mark.parametrize("backend", ON_SERVICES, indirect=True)
+def test_a_worker_killed_before_its_outcome_commits_leaves_the_message_to_redeliver(
+    app, backend, start_worker, tmp_path
+):
+    """Invariant 2: a message is acked only after its outcome is committed. The test
+    holds the job's row locked so the worker's record waits, kills the worker there,
+    and the message must be back in the queue: had the ack gone before the commit, the
+    job would live on only in its ``started`` row, until its lease ran out."""
+    marker = tmp_path / "started"
+    result = jobs_project.slow.delay(0.2, str(marker))
+    first = start_worker()
+    wait_for(marker.exists, 30, "the job to start")
+    url = backend.database_url.replace("postgresql://", "postgresql+psycopg2://")
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as holder, engine.connect() as watcher:
+            watcher.execution_options(isolation_level="AUTOCOMMIT")  # fresh views each time
+            holder.execute(
+                sa.text("SELECT 1 FROM heretic_jobs WHERE task_id = :id FOR UPDATE"),
+                {"id": result.id},
+            )
+            # The job ends; the worker's statement recording it waits for the row lock.
+            blocked = sa.text(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+            wait_for(lambda: watcher.execute(blocked).first() is not None, 30, "the record")
+            first.kill()
+            # The statement dies with its client (autocommit: it never commits).
+            for (pid,) in watcher.execute(blocked):
+                watcher.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            holder.rollback()
+    finally:
+        engine.dispose()
+    assert app.store.get(result.id).status == states.STARTED  # the outcome was lost
+    # ...and the message, never acked, is back in the queue for the next worker.
+    wait_for(lambda: app.broker.queue_size(backend.queue) == 1, 10, "the message back")
+    start_worker()
+    assert result.get(timeout=30) == 0.2
+    job = app.store.get(result.id)
+    assert job.status == states.SUCCEEDED and job.attempts == 2
+    assert "lost" in job.attempt_logs[0] and "succeeded" in job.attempt_logs[1]
