@@ -342,9 +342,16 @@ class JobStore:
         except _ConnectionLost:
             # A pooled connection the server closed (a restart) within the last second,
             # too recently used to be pinged: the statement did not get through, and a
-            # new connection takes it. Were it the reply that was lost, the unique
-            # task_id refuses the second row with a StoreError: never two jobs.
-            row_id = self._insert_returning_id(params)
+            # new connection takes it. If it was the reply that was lost, the row is
+            # committed: the unique task_id refuses a second one, and the row there is
+            # ours if it was created at the very microsecond we stamped on it.
+            try:
+                row_id = self._insert_returning_id(params)
+            except _UniqueViolation:
+                written = self.get(job.task_id)
+                if written is None or written.created_at != params["created_at"]:
+                    raise
+                return written
         return _new_row(row_id, params)
 
     def _insert_returning_id(self, params: dict[str, Any]) -> int:
@@ -1056,6 +1063,13 @@ class _ConnectionLost(StoreError):
     """The database connection broke under a statement; it is out of the pool now."""
 
 
+class _UniqueViolation(StoreError):
+    """A row with the same unique key (the ``task_id``) is there already."""
+
+
+_PG_UNIQUE_VIOLATION = "23505"
+
+
 @contextlib.contextmanager
 def _driver_cursor(engine: Engine) -> Iterator[Any]:
     """A DBAPI cursor on a pooled connection in autocommit, for a statement sent without
@@ -1079,6 +1093,8 @@ def _driver_cursor(engine: Engine) -> Iterator[Any]:
             raw.invalidate(exc)
             engine.dispose()  # the connections in use are discarded when given back
             raise _ConnectionLost(f"job store error: {exc!r}") from exc
+        if getattr(exc, "pgcode", None) == _PG_UNIQUE_VIOLATION:
+            raise _UniqueViolation(f"job store error: {exc!r}") from exc
         raise StoreError(f"job store error: {exc!r}") from exc
     finally:
         if cursor is not None and not cursor.closed:

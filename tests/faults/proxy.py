@@ -8,6 +8,9 @@ server:
   (accepted and closed at once) until :meth:`FaultProxy.restore`;
 - :meth:`FaultProxy.stall`: stop moving bytes in both directions while keeping the
   sockets open, as a dead network path looks to both ends;
+- :meth:`FaultProxy.hold_replies`: forward what clients send, hold back what the
+  server answers (a reply lost on the way), and :meth:`FaultProxy.reset` to break the
+  connections afterwards while accepting new ones;
 - :meth:`FaultProxy.restore`: back to normal.
 
 Threads, not asyncio, so it runs beside the test's own blocking code. Loopback only.
@@ -39,6 +42,8 @@ class FaultProxy:
         self._cut = False
         self._flowing = threading.Event()
         self._flowing.set()
+        self._replies = threading.Event()  # cleared: the server's bytes are held back
+        self._replies.set()
         self._closed = False
         #: Local ports of the proxy's connections to the server (RabbitMQ sees them as
         #: the clients' peer ports), for closing exactly these from the server side.
@@ -64,11 +69,24 @@ class FaultProxy:
         """Stop forwarding bytes; connections stay open."""
         self._flowing.clear()
 
+    def hold_replies(self) -> None:
+        """Forward what clients send; hold what the server sends back (left unread)."""
+        self._replies.clear()
+
+    def reset(self) -> None:
+        """Reset every connection; new ones are accepted (unlike :meth:`cut`)."""
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for sock in pair:
+                _reset(sock)
+
     def restore(self) -> None:
         """Accept and forward again."""
         with self._lock:
             self._cut = False
         self._flowing.set()
+        self._replies.set()
 
     def close(self) -> None:
         """Stop the proxy and close everything."""
@@ -114,22 +132,31 @@ class FaultProxy:
                     continue
                 self._pairs.append((client, upstream))
                 self.accepted += 1
-            for source, sink in ((client, upstream), (upstream, client)):
+            for source, sink, replies in ((client, upstream, False), (upstream, client, True)):
                 threading.Thread(
-                    target=self._pump, args=(source, sink), name="fault-proxy-pump", daemon=True
+                    target=self._pump,
+                    args=(source, sink, replies),
+                    name="fault-proxy-pump",
+                    daemon=True,
                 ).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
+        def moving() -> bool:
+            return self._flowing.is_set() and (not replies or self._replies.is_set())
+
         try:
             while True:
                 self._flowing.wait()
                 if self._closed or not self._is_open(source, sink):
                     return
+                if not moving():
+                    self._replies.wait(0.1)
+                    continue
                 ready, _, _ = select.select([source], [], [], 0.1)
                 if not ready:
                     continue
-                if not self._flowing.is_set():
-                    continue  # stalled between select and recv: leave the bytes unread
+                if not moving():
+                    continue  # stopped between select and recv: leave the bytes unread
                 data = source.recv(65536)
                 if not data:
                     break

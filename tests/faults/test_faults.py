@@ -19,8 +19,10 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import HERE, SERVICES, SERVICES_AND_EMBEDDED, Faults
@@ -249,3 +251,39 @@ def test_g_rabbitmq_closes_connections_with_jobs_in_flight(faults: Faults) -> No
     assert closed >= 2
     assert all(w.alive() for w in workers)
     assert all("broker connection restored" in w.log() for w in workers)
+
+
+# -- h. the reply to a producer's INSERT lost -------------------------------------------
+
+
+@pytest.mark.parametrize("backend", SERVICES, indirect=True)
+def test_h_the_reply_to_a_send_is_lost_after_its_row_committed(faults: Faults) -> None:
+    """The producer's INSERT reaches PostgreSQL and commits (autocommit), but the reply
+    never comes back: the connection breaks. The send is retried on a new connection,
+    where the unique task_id refuses a second row; the row already there is the one
+    this send wrote, so ``.delay()`` returns it instead of an error. One job, not two."""
+    import fault_tasks
+
+    proxy = faults.pg_proxy()
+    app = faults.app()
+    fault_tasks.record_run.delay(0, 0)  # the pool holds a connection through the proxy
+    proxy.hold_replies()
+    sent: list[Any] = []
+    sender = threading.Thread(target=lambda: sent.append(_send_or_error(fault_tasks)))
+    sender.start()
+    wait_for(lambda: len(faults.rows()) == 2, 10, "the second row to be committed")
+    proxy.reset()  # the connection holding the reply breaks: the producer sees a reset
+    proxy.restore()  # and replies flow again, on its new connection
+    sender.join(10)
+    assert len(sent) == 1 and not isinstance(sent[0], Exception), sent
+    assert len(faults.rows()) == 2
+    row = app.store.get(sent[0].id)
+    assert row is not None and row.args == [1, 0]
+    wait_for(lambda: app.store.get(sent[0].id).status == "queued", 10, "the job published")
+
+
+def _send_or_error(fault_tasks: Any) -> Any:
+    try:
+        return fault_tasks.record_run.delay(1, 0)
+    except Exception as exc:
+        return exc
