@@ -193,6 +193,8 @@ class Sender:
                 self._proven.add(item.message.queue)
             elif isinstance(error, QueueMismatchError):
                 self._fail(item.task_id, error)
+                if item.done is None:  # a waiting sender raises it
+                    logger.error("job %s failed: %s", item.task_id, error)
             elif item.done is None:  # a waiting sender reports its own
                 stays_pending(item.task_id, error)
             if item.done is not None:
