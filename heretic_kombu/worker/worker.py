@@ -1,7 +1,10 @@
 """The worker: consume, claim, run, record, ack — in that order, always.
 
-One main thread owns the broker subscription and every database write; pool slots only
-run task bodies. For each delivery:
+One main thread owns the broker subscription and decides every database write; pool
+slots only run task bodies. The turn's statement (step 2 and 4 below) runs on a thread of
+its own, one at a time, so that the loop receives the next turn's messages and outcomes
+while the database works; what follows the statement (acks, starts) is done by the main
+thread once it has returned. For each delivery:
 
 1. decode and validate it; a message that can never be handled is dead-lettered and
    fires ``job_error`` (invariant 5);
@@ -24,7 +27,9 @@ same loop, publishes due jobs (invariant 7).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -97,6 +102,12 @@ class Worker:
         self._inbox: collections.deque[Delivery] = collections.deque()
         self._done: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
         self._running: dict[str, tuple[Delivery, Job]] = {}
+        # The turn whose statement is in flight, and what the next one takes: attempts
+        # that ended and messages accepted meanwhile.
+        self._turn: _Turn | None = None
+        self._next_finished: list[tuple[Delivery, Job, dict[str, Any]]] = []
+        self._next_batch: list[tuple[Delivery, protocol.TaskMessage]] = []
+        self._statements = _StatementThread()
         self._stopping = False
         self._next_tick = 0.0
         self._poll = POLL_MIN
@@ -149,6 +160,7 @@ class Worker:
             # Also on a failed start: children ignore SIGTERM, so an exiting worker that
             # left them to multiprocessing's atexit hook would wait for them forever.
             self._heartbeat_stop.set()
+            self._statements.stop()
             if self._subscription is not None:  # it had started
                 signals.worker_shutdown.send(sender=self)
             if self._subscription is not None:
@@ -162,8 +174,10 @@ class Worker:
 
     def _room(self) -> int:
         """How many more jobs may be claimed now: a worker holds at most its prefetch
-        count of claimed jobs (running, or queued in the pool for a slot)."""
-        return self._limit - len(self._running)
+        count of claimed jobs (running, or queued in the pool for a slot), counting
+        those being claimed."""
+        claiming = len(self._next_batch) + (len(self._turn.batch) if self._turn else 0)
+        return self._limit - len(self._running) - claiming
 
     def _adapt_prefetch(self, finished: list[tuple[Delivery, Job, dict[str, Any]]]) -> None:
         """Reserve more messages while jobs are short, the configured number otherwise.
@@ -194,24 +208,27 @@ class Worker:
         assert self._subscription is not None
         if self._room() <= 0:
             # Every prefetched message is claimed: the broker sends no more until a job
-            # ends and its message is acked, so wait on the pool's completions.
-            finished = self._take_finished(block=0.05)
+            # ends and its message is acked, so wait on the pool's completions (or on
+            # the turn in flight, whose end starts jobs and acks messages).
+            if self._turn is not None:
+                concurrent.futures.wait([self._turn.future], timeout=0.05)
+                finished = self._take_finished()
+            else:
+                finished = self._take_finished(block=0.05)
         else:
             # While jobs run, come back soon to record their outcomes (the broker's socket
             # cannot wake us for them); when idle, sleep until the scheduler's next tick
             # unless a message arrives.
             idle = max(0.002, min(1.0, self._next_tick - time.monotonic(), self._held_wait()))
-            if self._running and not self._subscription.can_wake:
+            if (self._running or self._turn) and not self._subscription.can_wake:
                 idle = self._poll
             self._subscription.drain(idle, wake=self._wake_r)
             finished = self._take_finished()
         self._release_held()
-        batch = self._accept_inbox()
+        self._next_finished += finished
+        self._next_batch += self._accept_inbox()
+        self._turn_over()
         now = time.monotonic()
-        if finished or batch:
-            self._commit_turn(finished, batch)
-            self._adapt_prefetch(finished)
-            self._active_at = now
         # Jobs that have run long are checked less often: a tenth of the quiet time
         # (an outcome waits at most ~10% longer than its job ran), within the bounds.
         self._poll = min(POLL_MAX, max(POLL_MIN, (now - self._active_at) / 10))
@@ -245,11 +262,14 @@ class Worker:
         # Prefetched but unclaimed messages were never started: the broker redelivers
         # them once this connection closes.
         self._inbox.clear()
-        self._hand_back(self.pool.take_queued())
+        self._next_batch.clear()
+        self._settle_turns()  # what the turn in flight claims goes to the pool...
+        self._hand_back(self.pool.take_queued())  # ...which gives back what is not started
         if self._running:
             logger.info("waiting for %d running job(s) to finish", len(self._running))
         while self._running:
-            self._record_finished(block=0.1)
+            self._next_finished += self._take_finished(block=0.1)
+            self._settle_turns()
 
     def _hand_back(self, calls: list[dict[str, Any]]) -> None:
         """Release jobs claimed but never started (queued in the pool at a warm
@@ -347,10 +367,14 @@ class Worker:
 
         def on_done(outcome: dict[str, Any]) -> None:
             self._done.put((task_id, outcome))
-            with contextlib.suppress(BlockingIOError):  # full: the loop is awake anyway
-                os.write(self._wake_w, b"\0")
+            self._wake()
 
         self.pool.submit(call, on_done)
+
+    def _wake(self, *_: Any) -> None:
+        """Wake the loop waiting on the broker (a job ended, a statement returned)."""
+        with contextlib.suppress(BlockingIOError):  # full: the loop is awake anyway
+            os.write(self._wake_w, b"\0")
 
     def _adopt(self, delivery: Delivery, message: protocol.TaskMessage) -> bool:
         """Write the row of a message sent by a Celery client; ``False`` if done with it."""
@@ -494,13 +518,6 @@ class Worker:
 
     # -- outcomes ------------------------------------------------------------------
 
-    def _record_finished(self, block: float | None = None) -> None:
-        """Record every attempt that has ended since the last call (waiting up to
-        ``block`` s for the first), all in one commit, then ack their messages."""
-        finished = self._take_finished(block)
-        if finished:
-            self._commit_turn(finished, [])
-
     def _take_finished(
         self, block: float | None = None
     ) -> list[tuple[Delivery, Job, dict[str, Any]]]:
@@ -522,32 +539,64 @@ class Worker:
                 finished.append((delivery, job, outcome))
         return finished
 
-    def _commit_turn(
+    def _turn_over(self) -> None:
+        """End the turn in flight if its statement has returned; then, if none is in
+        flight, begin the next with what has come in meanwhile."""
+        if self._turn is not None and self._turn.future.done():
+            self._end_turn()
+        if self._turn is None and (self._next_finished or self._next_batch):
+            finished, batch = self._next_finished, self._next_batch
+            self._next_finished, self._next_batch = [], []
+            self._begin_turn(finished, batch)
+            if self._turn is not None and self._turn.future.done():  # it ran here
+                self._end_turn()
+
+    def _settle_turns(self) -> None:
+        """Run the turns to their end, waiting for each statement (warm shutdown)."""
+        while self._turn is not None or self._next_finished or self._next_batch:
+            if self._turn is not None:
+                concurrent.futures.wait([self._turn.future])
+            self._turn_over()
+
+    def _begin_turn(
         self,
         finished: list[tuple[Delivery, Job, dict[str, Any]]],
         batch: list[tuple[Delivery, protocol.TaskMessage]],
     ) -> None:
-        """Record the ended attempts and claim the accepted messages in one commit; then
-        ack what was recorded, publish its follow-ups, and start what was claimed."""
+        """Send the statement that records the ended attempts and claims the accepted
+        messages, in one commit; :meth:`_end_turn` follows once it has returned."""
         results = [self._attempt_result(job, outcome) for _, job, outcome in finished]
         attempts = [
             Attempt(job.task_id, job.attempts, result, self._next_steps(job, result))
             for (_, job, _), result in zip(finished, results, strict=True)
         ]
         ids = [message.id for _, message in batch]
+        call = (self._store_call, self.app.store.record_and_claim, attempts, ids, self.name)
+        if self._running:
+            future = self._statements.submit(*call)
+            future.add_done_callback(self._wake)
+        else:  # no job runs meanwhile: the loop would only wait (a lone job's latency)
+            future = _StatementThread.call_here(*call)
+        self._turn = _Turn(finished, batch, results, future)
+        self._adapt_prefetch(finished)
+        self._active_at = time.monotonic()
+
+    def _end_turn(self) -> None:
+        """The turn's statement has committed: ack what it recorded, publish the
+        follow-ups, and start what it claimed."""
+        assert self._turn is not None
+        turn, self._turn = self._turn, None
         try:
-            answers, claimed = self._store_call(
-                self.app.store.record_and_claim, attempts, ids, self.name
-            )
+            answers, claimed = turn.future.result()
         except Exception as exc:
-            if finished:
+            if turn.finished:
                 raise  # a bug recording outcomes: stop, and the messages come back
-            for delivery, _ in batch:
+            for delivery, _ in turn.batch:
                 self._internal_error(delivery, exc)
             return
-        self._after_record(finished, results, answers)
-        if batch:
-            self._start_claimed(batch, claimed)
+        self._after_record(turn.finished, turn.results, answers)
+        if turn.batch:
+            self._start_claimed(turn.batch, claimed)
 
     def _after_record(
         self,
@@ -993,7 +1042,7 @@ class Worker:
         try:
             now = utcnow()
             for row in store.find_lost(now - self.lease_timeout):
-                if row.task_id not in self._running:
+                if row.task_id not in self._running and not self._in_turn(row.task_id):
                     self._release_lost(row, f"no heartbeat since {row.updated_at:%H:%M:%S}")
                     self._next_tick = 0.0  # publish it with this loop turn's scheduler
             requeued = store.requeue_stale_pending(now - self.pending_timeout)
@@ -1005,6 +1054,14 @@ class Worker:
             self._next_tick = 0.0
 
     # -- database errors ---------------------------------------------------------
+
+    def _in_turn(self, task_id: str) -> bool:
+        """Whether the turn in flight records or claims ``task_id``."""
+        turn = self._turn
+        return turn is not None and (
+            any(job.task_id == task_id for _, job, _ in turn.finished)
+            or any(message.id == task_id for _, message in turn.batch)
+        )
 
     def _store_call(self, method: Any, *args: Any) -> Any:
         """Call a store method, retrying while the database is unreachable.
@@ -1020,6 +1077,58 @@ class Worker:
                 logger.error("database unavailable (%s); retrying in %.1fs", exc, pause)
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
+
+
+@dataclasses.dataclass
+class _Turn:
+    """A turn whose statement is in flight: the attempts it records (with their
+    results) and the accepted messages it claims."""
+
+    finished: list[tuple[Delivery, Job, dict[str, Any]]]
+    batch: list[tuple[Delivery, protocol.TaskMessage]]
+    results: list[AttemptResult]
+    future: concurrent.futures.Future[Any]
+
+
+class _StatementThread:
+    """Runs the worker's turn statements, one at a time, on a daemon thread of its own
+    (a statement stuck waiting for the database must not keep a stopping process up)."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Any, *args: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        if self._thread is None:  # started on first use: after the pool's fork
+            self._thread = threading.Thread(target=self._run, name="heretic-turn", daemon=True)
+            self._thread.start()
+        self._calls.put((future, fn, args))
+        return future
+
+    @staticmethod
+    def call_here(fn: Any, *args: Any) -> concurrent.futures.Future[Any]:
+        """Run ``fn`` on the calling thread; its outcome as a done future."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._calls.put(None)
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
 
 
 def expand_name(name: str) -> str:
