@@ -61,7 +61,7 @@ class Settings:
     prefetch_multiplier: int = 4
     #: Messages reserved per pool slot while jobs are short (a few ms on average): more
     #: jobs per database commit. Equal to prefetch_multiplier turns the boost off.
-    short_job_prefetch_multiplier: int = 16
+    short_job_prefetch_multiplier: int = 64
     #: Pool slots; 0 means one per CPU, as in Celery.
     concurrency: int = 0
     #: prefork (processes, Celery's default), threads, or solo (in the consuming thread).

@@ -433,12 +433,12 @@ def test_a_10_mb_payload_runs_and_1000_deep_nesting_is_refused(app, start_worker
 
 
 def test_prefetch_grows_while_jobs_are_short_and_shrinks_for_long_ones(app, start_worker):
-    # Two slots: prefetch 2 x 4 as configured, 2 x 16 while jobs take a few ms.
+    # Two slots: prefetch 2 x 4 as configured, 2 x 64 while jobs take a few ms.
     worker = start_worker(concurrency=2)
     assert "prefetch 8" in worker.log()
     quick = [jobs_project.add.delay(i, i) for i in range(30)]
     assert [r.get(timeout=30) for r in quick] == [2 * i for i in range(30)]
-    wait_for(lambda: "prefetch 32 (jobs take" in worker.log(), 15, "the short-job prefetch")
+    wait_for(lambda: "prefetch 128 (jobs take" in worker.log(), 15, "the short-job prefetch")
     slow = [jobs_project.slow.delay(0.3) for _ in range(4)]
     assert [r.get(timeout=30) for r in slow] == [0.3] * 4
     wait_for(lambda: "prefetch 8 (jobs take" in worker.log(), 15, "the configured prefetch")
