@@ -61,9 +61,6 @@ class _Sent:
     written: list[Any] = dataclasses.field(default_factory=list)
 
 
-_SAVEPOINT_EVENTS = ("savepoint", "release_savepoint", "rollback_savepoint")
-
-
 class Outbox:
     """Jobs sent in one caller transaction: written through its connection before it
     commits, published after it commits, dropped with whatever part of it rolls back."""
@@ -122,18 +119,23 @@ class Outbox:
         if any(watched is connection for watched in self._watched):
             return
         self._watched.append(connection)
-        event.listen(connection, "savepoint", self._on_savepoint)
-        event.listen(connection, "release_savepoint", self._on_release)
-        event.listen(connection, "rollback_savepoint", self._on_rollback_to)
+        for name, listener in self._savepoint_listeners():
+            event.listen(connection, name, listener)
 
     def _end(self) -> None:
         """The transaction is over: forget its savepoints, stop following its connections."""
         self._savepoints = []
         watched, self._watched = self._watched, []
         for connection in watched:
-            event.remove(connection, "savepoint", self._on_savepoint)
-            event.remove(connection, "release_savepoint", self._on_release)
-            event.remove(connection, "rollback_savepoint", self._on_rollback_to)
+            for name, listener in self._savepoint_listeners():
+                event.remove(connection, name, listener)
+
+    def _savepoint_listeners(self) -> tuple[tuple[str, Callable[..., None]], ...]:
+        return (
+            ("savepoint", self._on_savepoint),
+            ("release_savepoint", self._on_release),
+            ("rollback_savepoint", self._on_rollback_to),
+        )
 
     def _on_savepoint(self, connection: Connection, name: str | None) -> None:
         # Before the SAVEPOINT is sent: what waits was sent outside it, written there.
