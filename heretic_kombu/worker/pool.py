@@ -12,7 +12,12 @@ never waits for the worker's main thread, which may be busy committing.
 
 The prefork pool talks to each child over a pipe in JSON (no pickle crosses it), knows
 which job each child runs, and reports a child that dies mid-job as a ``lost`` outcome
-for that job alone.
+for that job alone. When more calls wait than children are idle, each busy child is sent
+its next call ahead, so it starts it the moment it ends the one it runs instead of
+waiting for the parent to read its outcome and answer. A call sent ahead has not
+started: it can still be taken back (revoke, warm shutdown) or moved to a child that
+went idle while it waited behind a long job; the child checks, under a lock they
+share, that the parent has not taken it back before it starts it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -133,10 +139,68 @@ class ThreadPool(Pool):
         self._executor.shutdown(wait=wait, cancel_futures=not wait)
 
 
+class _Handshake:
+    """What a child and its parent share to agree whether a call sent ahead has started.
+
+    Calls to a child are numbered in the order sent. The child starts call ``n`` only if
+    ``n > withdrawn``, and records ``started = n``; the parent takes call ``n`` back only
+    if ``started < n``, by setting ``withdrawn = n`` (every older call has started or
+    was withdrawn before). Both steps hold the lock, so exactly one of them wins.
+    """
+
+    def __init__(self, context: Any) -> None:
+        self.lock = context.Lock()
+        self.numbers = context.RawArray("q", 2)  # [started, withdrawn]
+
+    def start(self, number: int) -> bool:
+        """In the child: claim call ``number``; ``False`` if the parent took it back."""
+        with self.lock:
+            if number <= self.numbers[1]:
+                return False
+            self.numbers[0] = number
+            return True
+
+    def withdraw(self, number: int) -> bool:
+        """In the parent: take call ``number`` back; ``False`` if it has started (or the
+        lock could not be had: a child killed while holding it is as good as started)."""
+        if not self.lock.acquire(timeout=HANDSHAKE_TIMEOUT):
+            return False
+        try:
+            if self.numbers[0] >= number:
+                return False
+            self.numbers[1] = number
+            return True
+        finally:
+            self.lock.release()
+
+
+def _runs(child: _Child, task_id: str) -> bool:
+    """Whether ``child`` runs ``task_id`` now: its current call, or the call it held
+    ahead if it has started it before the parent read the outcome of the one before."""
+    if child.dead:
+        return False
+    if child.call is not None and child.call.get("id") == task_id:
+        return True
+    ahead = child.ahead
+    return (
+        ahead is not None
+        and ahead[0].get("id") == task_id
+        and child.handshake.numbers[0] >= ahead[2]
+    )
+
+
 class _Child:
-    def __init__(self, process: multiprocessing.process.BaseProcess, conn: Any) -> None:
+    def __init__(
+        self, process: multiprocessing.process.BaseProcess, conn: Any, handshake: _Handshake
+    ) -> None:
         self.process = process
         self.conn = conn
+        self.handshake = handshake
+        self.sent = 0  # the number of the last call sent
+        self.number = 0  # the number of ``call``
+        # The call sent ahead, not known to have started: (call, on_done, number).
+        self.ahead: tuple[dict[str, Any], Callback, int] | None = None
+        self.terminate_ahead: int | None = None  # signal sent to the call held ahead
         self.on_done: Callback | None = None
         self.dead = False
         self.call: dict[str, Any] | None = None  # the job it runs now
@@ -153,6 +217,13 @@ TERMINATE_GRACE = 1.0
 #: Seconds between two checks of the hard time limits and terminations by the reader
 #: thread (it also looks when a wait ends with nothing to read).
 LIMITS_CHECK_INTERVAL = 0.05
+#: A child whose job has run this long gets no call ahead, and the one it holds moves to
+#: a child that is idle: it should not wait behind a long job.
+AHEAD_WAIT_LIMIT = 0.1
+#: Seconds the parent waits for a child's handshake lock before it counts the call as
+#: started (only a child killed inside the few instructions it holds it for keeps it).
+HANDSHAKE_TIMEOUT = 1.0
+_NUMBER = struct.Struct("<q")  # the number that prefixes each call on a child's pipe
 
 
 class PreforkPool(Pool):
@@ -179,18 +250,19 @@ class PreforkPool(Pool):
 
     def _spawn(self) -> _Child:
         parent_conn, child_conn = self._context.Pipe()
+        handshake = _Handshake(self._context)
         # The child must not keep the parent's ends of any pipe open, or closing them
         # would never signal EOF to the children at shutdown.
         inherited = [parent_conn, *(c.conn for c in self._children)]
         process = self._context.Process(
             target=_child_main,
-            args=(self.app, child_conn, inherited),
+            args=(self.app, child_conn, handshake, inherited),
             name="heretic-child",
             daemon=True,
         )
         process.start()
         child_conn.close()
-        return _Child(process, parent_conn)
+        return _Child(process, parent_conn, handshake)
 
     def submit(self, call: dict[str, Any], on_done: Callback) -> None:
         with self._lock:
@@ -198,24 +270,71 @@ class PreforkPool(Pool):
             self._dispatch()
 
     def _dispatch(self) -> None:
-        """Start queued calls in idle children (the caller holds the lock)."""
-        while self._queued:
-            child = next((c for c in self._children if c.on_done is None and not c.dead), None)
-            if child is None:
+        """Give queued calls to children (the caller holds the lock): first to the idle
+        ones, then one ahead to each busy child whose job is still short."""
+        now = time.monotonic()
+        live = [c for c in self._children if not c.dead]
+        idle = [c for c in live if c.on_done is None]
+        if idle:
+            self._withdraw_stuck(live, len(idle), now)
+        for child in idle:
+            if not self._queued:
                 return
             call, child.on_done = self._queued.popleft()
-            child.call, child.started = call, time.monotonic()
-            child.timed_out = child.kill_at = child.terminated = None
-            limit = call.get("time_limit")
-            child.deadline = child.started + float(limit) if limit else None
-            try:
-                child.conn.send_bytes(serialization.dumps(call).encode("utf-8"))
-            except OSError:
-                pass  # the child just died: its burial reports this call as lost
+            self._begin(child, call, self._send(child, call), now)
+        for child in live:
+            if not self._queued:
+                return
+            if child.on_done is not None and child.ahead is None:
+                if now - child.started < AHEAD_WAIT_LIMIT:
+                    call, on_done = self._queued.popleft()
+                    child.ahead = (call, on_done, self._send(child, call))
+
+    def _withdraw_stuck(self, live: list[_Child], room: int, now: float) -> None:
+        """Put back at the head of the queue the calls held ahead by children whose job
+        has run ``AHEAD_WAIT_LIMIT`` or longer, for up to ``room`` idle children."""
+        stuck = [c for c in live if c.ahead is not None and now - c.started >= AHEAD_WAIT_LIMIT]
+        withdrawn = []
+        for child in sorted(stuck, key=lambda c: c.started)[:room]:
+            call, on_done, number = child.ahead  # type: ignore[misc]
+            if child.handshake.withdraw(number):
+                child.ahead = None
+                withdrawn.append((call, on_done))
+        self._queued.extendleft(reversed(withdrawn))
+
+    @staticmethod
+    def _begin(
+        child: _Child, call: dict[str, Any], number: int, now: float, terminated: int | None = None
+    ) -> None:
+        """Note that ``child`` now runs ``call``, numbered ``number`` (sent to it idle, or
+        held ahead until the outcome of the one before arrived)."""
+        child.call, child.number, child.started = call, number, now
+        child.timed_out = None
+        child.terminated = terminated
+        child.kill_at = now + TERMINATE_GRACE if terminated is not None else None
+        limit = call.get("time_limit")
+        child.deadline = now + float(limit) if limit else None
+
+    @staticmethod
+    def _send(child: _Child, call: dict[str, Any]) -> int:
+        """Write ``call`` to the child's pipe, numbered; returns its number."""
+        child.sent += 1
+        try:
+            child.conn.send_bytes(
+                _NUMBER.pack(child.sent) + serialization.dumps(call).encode("utf-8")
+            )
+        except OSError:
+            pass  # the child just died: its burial reports or re-queues this call
+        return child.sent
 
     def take_queued(self) -> list[dict[str, Any]]:
         with self._lock:
-            dropped = [call for call, _ in self._queued]
+            dropped = []
+            for child in self._children:
+                if child.ahead is not None and child.handshake.withdraw(child.ahead[2]):
+                    dropped.append(child.ahead[0])
+                    child.ahead = None
+            dropped.extend(call for call, _ in self._queued)
             self._queued.clear()
         return dropped
 
@@ -225,22 +344,24 @@ class PreforkPool(Pool):
                 if call.get("id") == task_id:
                     del self._queued[index]
                     return True
+            for child in self._children:
+                if child.ahead is not None and child.ahead[0].get("id") == task_id:
+                    if child.handshake.withdraw(child.ahead[2]):
+                        child.ahead = None
+                        return True
+                    return False
         return False
 
     def terminate_job(self, task_id: str, signum: int) -> bool:
         with self._lock:
-            child = next(
-                (
-                    c
-                    for c in self._children
-                    if not c.dead and c.call is not None and c.call.get("id") == task_id
-                ),
-                None,
-            )
+            child = next((c for c in self._children if _runs(c, task_id)), None)
             if child is None:
                 return False
-            child.terminated = signum
-            child.kill_at = time.monotonic() + TERMINATE_GRACE
+            if child.call is not None and child.call.get("id") == task_id:
+                child.terminated = signum
+                child.kill_at = time.monotonic() + TERMINATE_GRACE
+            else:  # it started after the one before, whose outcome is not read yet
+                child.terminate_ahead = signum
         try:
             os.kill(child.process.pid, signum)  # type: ignore[arg-type]
         except ProcessLookupError:
@@ -278,6 +399,8 @@ class PreforkPool(Pool):
             if not ready or time.monotonic() >= self._next_limits_check:
                 self._next_limits_check = time.monotonic() + LIMITS_CHECK_INTERVAL
                 self._enforce_limits()
+                with self._lock:
+                    self._dispatch()  # a call held ahead behind a job grown long moves on
             for item in ready:
                 child = by_conn.get(item) or by_sentinel.get(item)  # type: ignore[call-overload,arg-type]
                 if child is None or child.dead:
@@ -296,6 +419,11 @@ class PreforkPool(Pool):
         with self._lock:
             on_done, child.on_done = child.on_done, None
             child.call = child.deadline = None
+            if child.ahead is not None:  # the child has gone on to it already
+                call, child.on_done, number = child.ahead
+                child.ahead = None
+                self._begin(child, call, number, time.monotonic(), child.terminate_ahead)
+                child.terminate_ahead = None
             self._dispatch()  # the next call starts before the worker records this one
         if on_done is not None:
             on_done(outcome)
@@ -303,8 +431,27 @@ class PreforkPool(Pool):
     def _bury(self, child: _Child) -> None:
         child.process.join(timeout=1)
         with self._lock:
-            child.dead = True
+            child.dead = True  # nothing more is sent to it
+        # Outcomes it sent before it died count; the call it then ran is the one lost.
+        while True:
+            try:
+                if not child.conn.poll():
+                    break
+                data = child.conn.recv_bytes()
+            except (EOFError, OSError):
+                break
+            self._deliver(child, serialization.loads(data))
+        with self._lock:
             on_done, child.on_done = child.on_done, None
+            unstarted = [child.ahead[:2]] if child.ahead is not None else []
+            child.ahead = None
+            began = child.handshake.numbers[0] >= child.number
+            if on_done is not None and not began and child.terminated is None:
+                unstarted.insert(0, (child.call or {}, on_done))  # died before it began
+                on_done = None
+            if unstarted and not self._closing:  # they run on another child
+                self._queued.extendleft(reversed(unstarted))
+                self._dispatch()
         if self._closing:
             return
         if on_done is not None and child.timed_out is not None:
@@ -364,8 +511,9 @@ class PreforkPool(Pool):
                 child.process.join(timeout=5)
 
 
-def _child_main(app: Heretic, conn: Any, inherited: list[Any]) -> None:
-    """A prefork child: run calls received on ``conn`` until the parent closes it."""
+def _child_main(app: Heretic, conn: Any, handshake: _Handshake, inherited: list[Any]) -> None:
+    """A prefork child: run calls received on ``conn`` until the parent closes it, but
+    none the parent took back after sending it ahead."""
     for other in inherited:
         other.close()
     # The parent decides when children stop: a Ctrl-C or SIGTERM to the process group
@@ -379,7 +527,11 @@ def _child_main(app: Heretic, conn: Any, inherited: list[Any]) -> None:
             data = conn.recv_bytes()
         except (EOFError, OSError):
             break
-        outcome = _without_live_objects(execute(app, serialization.loads(data)))
+        (number,) = _NUMBER.unpack_from(data)
+        if not handshake.start(number):
+            continue  # taken back: run by another child, handed back or revoked
+        call = serialization.loads(data[_NUMBER.size :])
+        outcome = _without_live_objects(execute(app, call))
         try:
             encoded = serialization.dumps(outcome)
         except Exception as exc:  # e.g. retry(args=...) with values JSON cannot hold
