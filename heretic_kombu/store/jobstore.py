@@ -1244,18 +1244,25 @@ def _row_test(condition: Any) -> Any:
     return condition.is_(sa.true())
 
 
-# The claim; a worker's turn on PostgreSQL runs the same test inside _TURN.
+def _sql_list(values: Any) -> str:
+    """``'a', 'b'``: constant strings for an SQL ``IN (...)``."""
+    return ", ".join(f"'{value}'" for value in sorted(values))
+
+
+#: Which of the rows found by task id a worker may claim: ready, or waiting and due, and
+#: not expired. Written once, as SQL, for both the claim (:data:`_CLAIM`, every database)
+#: and a worker's turn on PostgreSQL (:data:`_TURN`); ``... IS TRUE`` as in :func:`_row_test`.
+_CLAIMABLE = (
+    f"(status IN ({_sql_list(states.READY)})"
+    f" OR (status IN ({_sql_list(states.WAITING)}) AND eta <= :now)) IS TRUE"
+    " AND (expires_at IS NULL OR expires_at > :now)"
+)
+
 _CLAIM = (
     jobs.update()
     .where(
         jobs.c.task_id.in_(sa.bindparam("task_ids", expanding=True)),
-        _row_test(
-            sa.or_(
-                jobs.c.status.in_(states.READY),
-                sa.and_(jobs.c.status.in_(states.WAITING), jobs.c.eta <= sa.bindparam("now")),
-            )
-        ),
-        sa.or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > sa.bindparam("now")),
+        sa.text(_CLAIMABLE).bindparams(sa.bindparam("now", type_=jobs.c.eta.type)),
     )
     .values(
         status=states.STARTED,
@@ -1300,11 +1307,6 @@ FROM unnest(
 WHERE j.task_id = v.task_id AND j.attempts = v.attempt AND (j.status = 'started') IS TRUE
 RETURNING j.task_id, j.status
 """
-
-
-def _sql_list(values: Any) -> str:
-    """``'a', 'b'``: constant strings for an SQL ``IN (...)``."""
-    return ", ".join(f"'{value}'" for value in sorted(values))
 
 
 #: Announces a recorded job that ended on heretic_done (delivered with the commit).
@@ -1372,10 +1374,7 @@ UPDATE heretic_jobs SET
     last_attempted_at = :now,
     finished_at = NULL,
     updated_at = :now
-WHERE task_id = ANY(CAST(:claim_ids AS uuid[]))
-    AND (status IN ({_sql_list(states.READY)})
-        OR (status IN ({_sql_list(states.WAITING)}) AND eta <= :now)) IS TRUE
-    AND (expires_at IS NULL OR expires_at > :now)
+WHERE task_id = ANY(CAST(:claim_ids AS uuid[])) AND {_CLAIMABLE}
 RETURNING {_CLAIMED_RETURNING}
 )
 SELECT CAST(task_id AS text), ({_NOTIFY_DONE}) IS NULL, {_RECORDED_NULLS} FROM recorded
