@@ -106,6 +106,9 @@ class Worker:
         # that ended and messages accepted meanwhile.
         self._turn: _Turn | None = None
         self._next_finished: list[tuple[Delivery, Job, dict[str, Any]]] = []
+        # Jobs that ended and whose outcome is not committed yet (in _next_finished or in
+        # the turn in flight): their leases are still renewed, as for running jobs.
+        self._unrecorded: dict[str, tuple[Delivery, Job]] = {}
         self._next_batch: list[tuple[Delivery, protocol.TaskMessage]] = []
         self._statements = _StatementThread()
         self._stopping = False
@@ -421,8 +424,9 @@ class Worker:
                 message.id,
             )
             return None
-        if row.status == states.STARTED and message.id in self._running:
-            running, job = self._running[message.id]
+        held = self._running.get(message.id) or self._unrecorded.get(message.id)
+        if row.status == states.STARTED and held is not None:
+            running, job = held
             if self._subscription.is_live(running):  # type: ignore[union-attr]
                 # A duplicate of a job running here: the first copy is acked after
                 # the commit; this one can go now, or it would hold a prefetch slot.
@@ -440,7 +444,7 @@ class Worker:
                     row.task_name,
                     row.task_id,
                 )
-                self._running[message.id] = (delivery, job)
+                self._replace_delivery(message.id, delivery)
             return None
         if row.status == states.STARTED and delivery.redelivered:
             return self._recover_lost_attempt(delivery, row)
@@ -460,6 +464,19 @@ class Worker:
                 self._send_revoked(row, delivery, terminated=False, signum=None, expired=expired)
         self._subscription.ack(delivery)  # type: ignore[union-attr]
         return None
+
+    def _replace_delivery(self, task_id: str, delivery: Delivery) -> None:
+        """Make ``delivery`` the one acked once the job's outcome is committed, whether
+        the job still runs or has ended with its outcome waiting for a turn."""
+        if task_id in self._running:
+            self._running[task_id] = (delivery, self._running[task_id][1])
+            return
+        self._unrecorded[task_id] = (delivery, self._unrecorded[task_id][1])
+        waiting = [self._next_finished, self._turn.finished if self._turn else []]
+        for finished in waiting:
+            for index, (_, job, outcome) in enumerate(finished):
+                if job.task_id == task_id:
+                    finished[index] = (delivery, job, outcome)
 
     def _recover_lost_attempt(self, delivery: Delivery, row: Job) -> Job | None:
         """The message comes back while its row says ``started``.
@@ -537,6 +554,7 @@ class Worker:
             delivery, job = self._running.pop(task_id)
             if not self._settle_control_outcome(delivery, job, outcome):
                 finished.append((delivery, job, outcome))
+                self._unrecorded[task_id] = (delivery, job)
         return finished
 
     def _turn_over(self) -> None:
@@ -595,6 +613,8 @@ class Worker:
                 self._internal_error(delivery, exc)
             return
         self._after_record(turn.finished, turn.results, answers)
+        for _, job, _ in turn.finished:
+            self._unrecorded.pop(job.task_id, None)
         if turn.batch:
             self._start_claimed(turn.batch, claimed)
 
@@ -1014,7 +1034,7 @@ class Worker:
         while not self._heartbeat_stop.wait(self.heartbeat_interval):
             try:
                 running = list(self._running)
-                self.app.store.heartbeat(running)
+                self.app.store.heartbeat(running + list(self._unrecorded))
                 # Jobs revoked with terminate=True while running here: the main loop
                 # terminates them (a beat is how soon revoke(terminate=True) acts).
                 for task_id, error in self.app.store.revoked_among(running).items():
@@ -1042,7 +1062,7 @@ class Worker:
         try:
             now = utcnow()
             for row in store.find_lost(now - self.lease_timeout):
-                if row.task_id not in self._running and not self._in_turn(row.task_id):
+                if not self._holds(row.task_id):
                     self._release_lost(row, f"no heartbeat since {row.updated_at:%H:%M:%S}")
                     self._next_tick = 0.0  # publish it with this loop turn's scheduler
             requeued = store.requeue_stale_pending(now - self.pending_timeout)
@@ -1055,13 +1075,13 @@ class Worker:
 
     # -- database errors ---------------------------------------------------------
 
-    def _in_turn(self, task_id: str) -> bool:
-        """Whether the turn in flight records or claims ``task_id``."""
+    def _holds(self, task_id: str) -> bool:
+        """Whether this worker holds ``task_id``'s lease: the job runs here, has ended
+        with its outcome not committed yet, or is being claimed by the turn in flight."""
+        if task_id in self._running or task_id in self._unrecorded:
+            return True
         turn = self._turn
-        return turn is not None and (
-            any(job.task_id == task_id for _, job, _ in turn.finished)
-            or any(message.id == task_id for _, message in turn.batch)
-        )
+        return turn is not None and any(message.id == task_id for _, message in turn.batch)
 
     def _store_call(self, method: Any, *args: Any) -> Any:
         """Call a store method, retrying while the database is unreachable.

@@ -114,3 +114,32 @@ def test_a_worker_killed_before_its_outcome_commits_leaves_the_message_to_redeli
     job = app.store.get(result.id)
     assert job.status == states.SUCCEEDED and job.attempts == 2
     assert "lost" in job.attempt_logs[0] and "succeeded" in job.attempt_logs[1]
+
+
+@pytest.mark.parametrize("backend", ON_SERVICES, indirect=True)
+def test_a_job_that_ends_while_a_turn_waits_keeps_its_lease(app, backend, start_worker, tmp_path):
+    """A job whose outcome waits for the next turn is still this worker's: its lease is
+    renewed and no reconciler takes it for lost, however long the turn before takes
+    (here a row lock holds it 5 s, over three leases of 1.5 s)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    start_worker(concurrency=2)
+    early = jobs_project.slow.delay(0.5, str(first))
+    late = jobs_project.slow.delay(1.0, str(second))
+    wait_for(lambda: first.exists() and second.exists(), 30, "both jobs to start")
+    url = backend.database_url.replace("postgresql://", "postgresql+psycopg2://")
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as holder:
+            # The early job's record waits on this lock; the late job ends meanwhile.
+            holder.execute(
+                sa.text("SELECT 1 FROM heretic_jobs WHERE task_id = :id FOR UPDATE"),
+                {"id": early.id},
+            )
+            time.sleep(5)
+            holder.rollback()
+    finally:
+        engine.dispose()
+    assert early.get(timeout=30) == 0.5 and late.get(timeout=30) == 1.0
+    job = app.store.get(late.id)
+    assert job.status == states.SUCCEEDED and job.attempts == 1, job.attempt_logs
+    assert len(job.attempt_logs) == 1 and "lost" not in job.attempt_logs[0]
