@@ -119,6 +119,10 @@ class Worker:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        # Held to write to the pipe or close it: a statement or a job ending after the
+        # loop stopped must not write to a descriptor number since given to another file.
+        self._wake_lock = threading.Lock()
+        self._wake_closed = False
         self._subscription: Subscription | None = None
         # revoke(terminate=True): (task id, row error) seen by the heartbeat thread, and
         # the signal sent to each job being terminated.
@@ -170,8 +174,10 @@ class Worker:
                 self._subscription.close()
             self.pool.stop(wait=True)
             self.app.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            with self._wake_lock:
+                self._wake_closed = True
+                os.close(self._wake_r)
+                os.close(self._wake_w)
         logger.info("%s stopped", self.name)
         return 0
 
@@ -376,8 +382,9 @@ class Worker:
 
     def _wake(self, *_: Any) -> None:
         """Wake the loop waiting on the broker (a job ended, a statement returned)."""
-        with contextlib.suppress(BlockingIOError):  # full: the loop is awake anyway
-            os.write(self._wake_w, b"\0")
+        with self._wake_lock, contextlib.suppress(BlockingIOError):  # full: awake anyway
+            if not self._wake_closed:
+                os.write(self._wake_w, b"\0")
 
     def _adopt(self, delivery: Delivery, message: protocol.TaskMessage) -> bool:
         """Write the row of a message sent by a Celery client; ``False`` if done with it."""
