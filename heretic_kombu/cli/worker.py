@@ -72,6 +72,14 @@ LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
     show_envvar=True,
     help="Also send the periodic tasks of beat_schedule, from a thread (as heretic beat).",
 )
+@click.option(
+    "-O",
+    "optimization",
+    type=click.Choice(["default", "fair"]),
+    help="Accepted for Celery's command lines and changes nothing: a busy prefork process"
+    " is sent one job ahead only while its own job is short, and loses it to an idle"
+    " process after 0.1 s.",
+)
 @click.pass_obj
 def worker(
     state: State,
@@ -82,6 +90,7 @@ def worker(
     prefetch_multiplier: int | None,
     name: str | None,
     embed_beat: bool,
+    optimization: str | None,
 ) -> None:
     """Consume queues and run their jobs until SIGTERM/SIGINT.
 
@@ -89,6 +98,11 @@ def worker(
     a second one exits at once (status 1) and the broker redelivers what was not acked.
     """
     logging.basicConfig(level=loglevel.upper(), format=LOG_FORMAT)
+    if optimization is not None:
+        logging.getLogger("heretic_kombu.worker").info(
+            "-O %s: accepted as Celery's, with no effect (see heretic worker --help)",
+            optimization,
+        )
     app = state.app()
     app.import_modules()
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None

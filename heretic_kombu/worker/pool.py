@@ -160,33 +160,23 @@ class _Handshake:
             self.numbers[0] = number
             return True
 
+    def has_started(self, number: int) -> bool:
+        """In the parent: whether the child has started call ``number`` (a plain read:
+        the answer may be late, never early)."""
+        return self.numbers[0] >= number
+
     def withdraw(self, number: int) -> bool:
         """In the parent: take call ``number`` back; ``False`` if it has started (or the
         lock could not be had: a child killed while holding it is as good as started)."""
         if not self.lock.acquire(timeout=HANDSHAKE_TIMEOUT):
             return False
         try:
-            if self.numbers[0] >= number:
+            if self.has_started(number):
                 return False
             self.numbers[1] = number
             return True
         finally:
             self.lock.release()
-
-
-def _runs(child: _Child, task_id: str) -> bool:
-    """Whether ``child`` runs ``task_id`` now: its current call, or the call it held
-    ahead if it has started it before the parent read the outcome of the one before."""
-    if child.dead:
-        return False
-    if child.call is not None and child.call.get("id") == task_id:
-        return True
-    ahead = child.ahead
-    return (
-        ahead is not None
-        and ahead[0].get("id") == task_id
-        and child.handshake.numbers[0] >= ahead[2]
-    )
 
 
 class _Child:
@@ -197,7 +187,6 @@ class _Child:
         self.conn = conn
         self.handshake = handshake
         self.sent = 0  # the number of the last call sent
-        self.number = 0  # the number of ``call``
         # The call sent ahead, not known to have started: (call, on_done, number).
         self.ahead: tuple[dict[str, Any], Callback, int] | None = None
         self.terminate_ahead: int | None = None  # signal sent to the call held ahead
@@ -281,7 +270,8 @@ class PreforkPool(Pool):
             if not self._queued:
                 return
             call, child.on_done = self._queued.popleft()
-            self._begin(child, call, self._send(child, call), now)
+            self._send(child, call)
+            self._begin(child, call, now)
         for child in live:
             if not self._queued:
                 return
@@ -304,11 +294,11 @@ class PreforkPool(Pool):
 
     @staticmethod
     def _begin(
-        child: _Child, call: dict[str, Any], number: int, now: float, terminated: int | None = None
+        child: _Child, call: dict[str, Any], now: float, terminated: int | None = None
     ) -> None:
-        """Note that ``child`` now runs ``call``, numbered ``number`` (sent to it idle, or
-        held ahead until the outcome of the one before arrived)."""
-        child.call, child.number, child.started = call, number, now
+        """Note that ``child`` now runs ``call`` (sent to it idle, or held ahead until
+        the outcome of the one before arrived)."""
+        child.call, child.started = call, now
         child.timed_out = None
         child.terminated = terminated
         child.kill_at = now + TERMINATE_GRACE if terminated is not None else None
@@ -354,14 +344,24 @@ class PreforkPool(Pool):
 
     def terminate_job(self, task_id: str, signum: int) -> bool:
         with self._lock:
-            child = next((c for c in self._children if _runs(c, task_id)), None)
-            if child is None:
+            for child in self._children:
+                if child.dead:
+                    continue
+                if child.call is not None and child.call.get("id") == task_id:
+                    child.terminated = signum
+                    child.kill_at = time.monotonic() + TERMINATE_GRACE
+                    break
+                ahead = child.ahead
+                if (
+                    ahead
+                    and ahead[0].get("id") == task_id
+                    and child.handshake.has_started(ahead[2])
+                ):
+                    # It started after the one before, whose outcome is not read yet.
+                    child.terminate_ahead = signum
+                    break
+            else:
                 return False
-            if child.call is not None and child.call.get("id") == task_id:
-                child.terminated = signum
-                child.kill_at = time.monotonic() + TERMINATE_GRACE
-            else:  # it started after the one before, whose outcome is not read yet
-                child.terminate_ahead = signum
         try:
             os.kill(child.process.pid, signum)  # type: ignore[arg-type]
         except ProcessLookupError:
@@ -420,9 +420,9 @@ class PreforkPool(Pool):
             on_done, child.on_done = child.on_done, None
             child.call = child.deadline = None
             if child.ahead is not None:  # the child has gone on to it already
-                call, child.on_done, number = child.ahead
+                call, child.on_done, _ = child.ahead
                 child.ahead = None
-                self._begin(child, call, number, time.monotonic(), child.terminate_ahead)
+                self._begin(child, call, time.monotonic(), child.terminate_ahead)
                 child.terminate_ahead = None
             self._dispatch()  # the next call starts before the worker records this one
         if on_done is not None:
@@ -432,7 +432,7 @@ class PreforkPool(Pool):
         child.process.join(timeout=1)
         with self._lock:
             child.dead = True  # nothing more is sent to it
-        # Outcomes it sent before it died count; the call it then ran is the one lost.
+        # Outcomes it sent before it died count; the call it held then is the one lost.
         while True:
             try:
                 if not child.conn.poll():
@@ -443,14 +443,9 @@ class PreforkPool(Pool):
             self._deliver(child, serialization.loads(data))
         with self._lock:
             on_done, child.on_done = child.on_done, None
-            unstarted = [child.ahead[:2]] if child.ahead is not None else []
-            child.ahead = None
-            began = child.handshake.numbers[0] >= child.number
-            if on_done is not None and not began and child.terminated is None:
-                unstarted.insert(0, (child.call or {}, on_done))  # died before it began
-                on_done = None
-            if unstarted and not self._closing:  # they run on another child
-                self._queued.extendleft(reversed(unstarted))
+            ahead, child.ahead = child.ahead, None
+            if ahead is not None and not self._closing:  # never started: another child runs it
+                self._queued.appendleft(ahead[:2])
                 self._dispatch()
         if self._closing:
             return

@@ -108,7 +108,7 @@ class Worker:
         self._next_finished: list[tuple[Delivery, Job, dict[str, Any]]] = []
         # Jobs that ended and whose outcome is not committed yet (in _next_finished or in
         # the turn in flight): their leases are still renewed, as for running jobs.
-        self._unrecorded: dict[str, tuple[Delivery, Job]] = {}
+        self._unrecorded: set[str] = set()
         self._next_batch: list[tuple[Delivery, protocol.TaskMessage]] = []
         self._statements = _StatementThread()
         self._stopping = False
@@ -431,10 +431,9 @@ class Worker:
                 message.id,
             )
             return None
-        held = self._running.get(message.id) or self._unrecorded.get(message.id)
+        held = self._held_delivery(message.id)
         if row.status == states.STARTED and held is not None:
-            running, job = held
-            if self._subscription.is_live(running):  # type: ignore[union-attr]
+            if self._subscription.is_live(held):  # type: ignore[union-attr]
                 # A duplicate of a job running here: the first copy is acked after
                 # the commit; this one can go now, or it would hold a prefetch slot.
                 logger.info(
@@ -472,15 +471,29 @@ class Worker:
         self._subscription.ack(delivery)  # type: ignore[union-attr]
         return None
 
+    def _ended_here(self) -> list[list[tuple[Delivery, Job, dict[str, Any]]]]:
+        """The lists of attempts that ended here and wait for their turn's commit."""
+        return [self._next_finished, self._turn.finished if self._turn else []]
+
+    def _held_delivery(self, task_id: str) -> Delivery | None:
+        """The delivery to ack once ``task_id``'s outcome is committed, if the job runs
+        here or has ended with its outcome not committed yet."""
+        if task_id in self._running:
+            return self._running[task_id][0]
+        if task_id in self._unrecorded:
+            for finished in self._ended_here():
+                for delivery, job, _ in finished:
+                    if job.task_id == task_id:
+                        return delivery
+        return None
+
     def _replace_delivery(self, task_id: str, delivery: Delivery) -> None:
         """Make ``delivery`` the one acked once the job's outcome is committed, whether
         the job still runs or has ended with its outcome waiting for a turn."""
         if task_id in self._running:
             self._running[task_id] = (delivery, self._running[task_id][1])
             return
-        self._unrecorded[task_id] = (delivery, self._unrecorded[task_id][1])
-        waiting = [self._next_finished, self._turn.finished if self._turn else []]
-        for finished in waiting:
+        for finished in self._ended_here():
             for index, (_, job, outcome) in enumerate(finished):
                 if job.task_id == task_id:
                     finished[index] = (delivery, job, outcome)
@@ -561,7 +574,7 @@ class Worker:
             delivery, job = self._running.pop(task_id)
             if not self._settle_control_outcome(delivery, job, outcome):
                 finished.append((delivery, job, outcome))
-                self._unrecorded[task_id] = (delivery, job)
+                self._unrecorded.add(task_id)
         return finished
 
     def _turn_over(self) -> None:
@@ -620,8 +633,7 @@ class Worker:
                 self._internal_error(delivery, exc)
             return
         self._after_record(turn.finished, turn.results, answers)
-        for _, job, _ in turn.finished:
-            self._unrecorded.pop(job.task_id, None)
+        self._unrecorded.difference_update(job.task_id for _, job, _ in turn.finished)
         if turn.batch:
             self._start_claimed(turn.batch, claimed)
 

@@ -118,3 +118,10 @@ def test_help_names_every_setting_variable():
     for field in dataclasses.fields(Settings):
         assert env_var(field.name) in shown.replace("\n", " ").replace("  ", " ")
     assert "HERETIC_CONCURRENCY" in heretic("worker", "--help").stdout
+
+
+def test_celerys_scheduling_option_is_accepted_and_said_to_change_nothing(app, start_worker):
+    # Procfiles often say `celery worker -O fair`: the same line must start a worker.
+    worker = start_worker("-O", "fair")
+    assert jobs_project.add.delay(2, 2).get(timeout=30) == 4
+    assert "-O fair: accepted as Celery's, with no effect" in worker.log()
