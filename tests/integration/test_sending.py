@@ -5,6 +5,7 @@ reconciler (heretic_kombu.sender, Broker.publish_all)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -71,6 +72,47 @@ def test_the_jobs_of_a_transaction_are_all_queued_when_it_commits(app, backend):
     assert set(statuses(app, results)) == {states.QUEUED}
     assert app.store.get(countdown.id).status == states.SCHEDULED
     assert app.broker.queue_size(backend.queue) == 100
+
+
+#: Arguments that read as SQL or as the driver's placeholders: they must stay data.
+ODD_ARGUMENTS = ["100%", "%s", "%(task_id__0)s", "'); DELETE FROM heretic_jobs; --"]
+
+
+def test_a_group_bigger_than_one_insert_sends_each_job_with_its_own_row(app, backend):
+    # Rows go in INSERTs of up to 1,000 (JobStore._insert_many): 1,005 jobs take two.
+    # Each message carries its job's arguments and names the row written for it.
+    sent = [[i, ODD_ARGUMENTS[i % 4]] for i in range(1005)]
+    handle = group(jobs_project.echo.s(value) for value in sent).apply_async()
+    rows = {result.id: app.store.get(result.id) for result in handle.results}
+    assert [rows[result.id].args for result in handle.results] == [[v] for v in sent]
+    assert {row.status for row in rows.values()} == {states.QUEUED}
+    on_the_wire = {}
+    with app.broker.connect() as connection:
+        channel = connection.channel()
+        queue = app.broker.queue(backend.queue)(channel)
+        while (message := queue.get(no_ack=True)) is not None:
+            on_the_wire[message.headers["id"]] = (
+                message.headers["heretic_job_id"],
+                json.loads(message.body)[0],
+            )
+    assert on_the_wire == {task_id: (row.id, row.args) for task_id, row in rows.items()}
+
+
+def test_a_transaction_bigger_than_one_insert_runs_every_job_with_its_own_arguments(
+    app, backend, start_worker
+):
+    engine = sa.create_engine(
+        backend.database_url.replace("postgresql://", "postgresql+psycopg2://")
+    )
+    sent = [[i, ODD_ARGUMENTS[i % 4]] for i in range(1005)]
+    try:
+        with app.transaction(engine):
+            results = [jobs_project.echo.delay(value) for value in sent]
+    finally:
+        engine.dispose()
+    start_worker()
+    assert [result.get(timeout=120) for result in results] == sent
+    assert app.broker.queue_size(backend.queue, dead=True) == 0
 
 
 SCRIPT = """
