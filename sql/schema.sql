@@ -1,5 +1,5 @@
 -- heretic_kombu schema, rendered from heretic_kombu/store/tables.py (`heretic db sql`).
--- Schema version 2. Do not edit by hand: change tables.py and re-render.
+-- Schema version 3. Do not edit by hand: change tables.py and re-render.
 CREATE TABLE heretic_beat_entries (
 	name TEXT NOT NULL, 
 	task_name TEXT NOT NULL, 
@@ -56,9 +56,9 @@ CREATE INDEX heretic_jobs_due_idx ON heretic_jobs (eta) WHERE status IN ('schedu
 
 CREATE INDEX heretic_jobs_errors_idx ON heretic_jobs (created_at, id) WHERE error IS NOT NULL;
 
-CREATE INDEX heretic_jobs_group_id_idx ON heretic_jobs (group_id);
+CREATE INDEX heretic_jobs_group_idx ON heretic_jobs (group_id) WHERE group_id IS NOT NULL;
 
-CREATE INDEX heretic_jobs_parent_id_idx ON heretic_jobs (parent_id);
+CREATE INDEX heretic_jobs_parent_idx ON heretic_jobs (parent_id) WHERE parent_id IS NOT NULL;
 
 CREATE INDEX heretic_jobs_payload_idx ON heretic_jobs USING gin (payload jsonb_path_ops);
 
@@ -87,4 +87,4 @@ CREATE TABLE heretic_schema_version (
 	PRIMARY KEY (version)
 );
 
-INSERT INTO heretic_schema_version (version) VALUES (2);
+INSERT INTO heretic_schema_version (version) VALUES (3);

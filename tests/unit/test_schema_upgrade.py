@@ -16,6 +16,11 @@ def test_schema_1_database_is_upgraded_and_keeps_its_rows(isolated_env):
         conn.exec_driver_sql("DROP TABLE heretic_chords")
         conn.exec_driver_sql("DROP INDEX heretic_jobs_status_created_idx")
         conn.exec_driver_sql("CREATE INDEX heretic_jobs_status_idx ON heretic_jobs (status)")
+        for column in ("parent", "group"):  # whole-column indexes until schema 3
+            conn.exec_driver_sql(f"DROP INDEX heretic_jobs_{column}_idx")
+            conn.exec_driver_sql(
+                f"CREATE INDEX heretic_jobs_{column}_id_idx ON heretic_jobs ({column}_id)"
+            )
         conn.exec_driver_sql("DELETE FROM heretic_schema_version")
         conn.exec_driver_sql(
             "INSERT INTO heretic_schema_version (version, applied_at) VALUES (1, '2026-01-01')"
@@ -36,6 +41,8 @@ def test_schema_1_database_is_upgraded_and_keeps_its_rows(isolated_env):
     indexes = {i["name"] for i in inspector.get_indexes("heretic_jobs")}
     assert "heretic_jobs_status_created_idx" in indexes
     assert "heretic_jobs_status_idx" not in indexes
+    assert {"heretic_jobs_parent_idx", "heretic_jobs_group_idx"} <= indexes
+    assert not {"heretic_jobs_parent_id_idx", "heretic_jobs_group_id_idx"} & indexes
     old = upgraded.get("00000000-0000-0000-0000-000000000001")
     assert old is not None and old.args == [1] and old.workflow is None
     with upgraded.engine.connect() as conn:
