@@ -64,6 +64,14 @@ VARIANTS: dict[str, list[str]] = {
         "DROP INDEX heretic_jobs_due_idx",
         "CREATE INDEX heretic_jobs_due_idx ON heretic_jobs (eta) WHERE eta IS NOT NULL",
     ],
+    # reference: schema 2's whole-column parent_id and group_id indexes (schema 3 indexes
+    # only the rows where they are set)
+    "schema2": [
+        "DROP INDEX heretic_jobs_parent_idx",
+        "DROP INDEX heretic_jobs_group_idx",
+        "CREATE INDEX heretic_jobs_parent_id_idx ON heretic_jobs (parent_id)",
+        "CREATE INDEX heretic_jobs_group_id_idx ON heretic_jobs (group_id)",
+    ],
 }
 
 
