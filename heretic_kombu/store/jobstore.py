@@ -20,6 +20,7 @@ import re
 import select
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -232,7 +233,8 @@ class JobStore:
             current = None
             if schema_version.name in existing:
                 current = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
-            if current == SCHEMA_VERSION:
+            if current is not None and current >= SCHEMA_VERSION:
+                # A newer release may have upgraded it: it only adds to the schema.
                 self._schema_ready = True
                 return False
             metadata.create_all(conn)  # only what is missing
@@ -260,13 +262,14 @@ class JobStore:
         return True
 
     def _schema_is_current(self) -> bool:
-        """Whether this version's schema is in place, read without taking a write lock
-        (on SQLite, another connection may hold it: a caller's open transaction)."""
+        """Whether this version's schema (or a newer release's) is in place, read without
+        taking a write lock (on SQLite, another connection may hold it: a caller's open
+        transaction)."""
         with self._read() as conn:
             if not sa.inspect(conn).has_table(schema_version.name):
                 return False
             version = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
-        return bool(version == SCHEMA_VERSION)
+        return version is not None and version >= SCHEMA_VERSION
 
     def ensure_schema(self) -> None:
         """Create the schema on first use in this process (zero-configuration start)."""
@@ -355,7 +358,7 @@ class JobStore:
                 values,
             )
             id_of = {task_id: row_id for row_id, task_id in returned}
-            ids += [id_of[one["task_id"]] for one in batch]
+            ids += [id_of[str(uuid.UUID(one["task_id"]))] for one in batch]  # canonical
         return ids
 
     def _bulk_insert_sql(self) -> tuple[str, list[str]]:

@@ -97,3 +97,61 @@ def test_schema_file_and_table_definitions_agree_on_postgresql():
                 )
                 cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.close()
+
+
+@pytest.mark.services
+def test_a_schema_2_database_on_postgresql_gets_the_partial_indexes_and_keeps_its_rows():
+    require_services()
+    import psycopg2
+
+    admin = psycopg2.connect(PG_ADMIN_URL)
+    admin.autocommit = True
+    name = f"heretic_upgrade_{uuid.uuid4().hex[:8]}"
+    url = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        store = JobStore(url)
+        store.create_schema()
+        store.dispose()
+        with psycopg2.connect(url) as conn, conn.cursor() as cur:  # back to schema 2
+            for column in ("parent", "group"):
+                cur.execute(f"DROP INDEX heretic_jobs_{column}_idx")
+                cur.execute(
+                    f"CREATE INDEX heretic_jobs_{column}_id_idx ON heretic_jobs ({column}_id)"
+                )
+            cur.execute("DELETE FROM heretic_schema_version")
+            cur.execute("INSERT INTO heretic_schema_version (version) VALUES (2)")
+            cur.execute(
+                "INSERT INTO heretic_jobs (queue_name, task_id, task_name, parent_id)"
+                " VALUES ('q', gen_random_uuid(), 't', gen_random_uuid())"
+            )
+        conn.close()
+
+        upgraded = JobStore(url)
+        assert upgraded.create_schema() is True
+        upgraded.dispose()
+        with psycopg2.connect(url) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT indexname, indexdef FROM pg_indexes"
+                " WHERE indexname LIKE 'heretic_jobs_parent%'"
+                " OR indexname LIKE 'heretic_jobs_group%'"
+            )
+            indexes = dict(cur.fetchall())
+            cur.execute("SELECT count(*) FROM heretic_jobs WHERE parent_id IS NOT NULL")
+            kept = cur.fetchone()[0]
+            cur.execute("SELECT version FROM heretic_schema_version ORDER BY 1")
+            versions = [row[0] for row in cur.fetchall()]
+        conn.close()
+        assert sorted(indexes) == ["heretic_jobs_group_idx", "heretic_jobs_parent_idx"]
+        assert indexes["heretic_jobs_parent_idx"].endswith("WHERE (parent_id IS NOT NULL)")
+        assert indexes["heretic_jobs_group_idx"].endswith("WHERE (group_id IS NOT NULL)")
+        assert kept == 1
+        assert versions == [2, 3]
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+            )
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.close()

@@ -49,3 +49,25 @@ def test_schema_1_database_is_upgraded_and_keeps_its_rows(isolated_env):
         versions = conn.exec_driver_sql("SELECT version FROM heretic_schema_version").scalars()
         assert sorted(versions) == [1, SCHEMA_VERSION]
     upgraded.dispose()
+
+
+def test_a_database_upgraded_by_a_newer_release_is_left_as_it_is(isolated_env):
+    # A process of this release started after a newer one upgraded the database (a
+    # rolling deploy) must not "upgrade" it back, nor fail on the version row.
+    url = f"sqlite:///{isolated_env}/newer.sqlite3"
+    store = JobStore(url)
+    store.create_schema()
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO heretic_schema_version (version, applied_at)"
+            f" VALUES ({SCHEMA_VERSION + 1}, '2027-01-01')"
+        )
+    store.dispose()
+
+    older = JobStore(url)
+    assert older.create_schema() is False
+    older.ensure_schema()
+    with older.engine.connect() as conn:
+        versions = conn.exec_driver_sql("SELECT version FROM heretic_schema_version").scalars()
+        assert sorted(versions) == [SCHEMA_VERSION, SCHEMA_VERSION + 1]
+    older.dispose()
