@@ -95,9 +95,24 @@ class Outbox:
             self._write(self.connection())
 
     def committed(self) -> None:
-        """The caller's transaction committed: publish every row written in it."""
+        """The caller's transaction committed: publish every row written in it.
+
+        A session joined to a transaction begun on its connection outside it
+        (``Session(bind=connection)``, as test suites do) commits only its own part: the
+        connection's transaction goes on and may still roll back, and nothing says when
+        it ends. Its rows are left ``pending``, unpublished: if that transaction commits,
+        a worker's reconciler publishes them after ``pending_timeout``."""
         sent, self._sent = self._sent, {}
+        outer = any(not c.closed and c.in_transaction() for c in self._watched)
         self._end()
+        if outer:
+            if any(rows.written for rows in sent.values()):
+                logger.warning(
+                    "the session committed inside a transaction begun on its connection:"
+                    " its jobs are not published now; if that transaction commits, a"
+                    " worker's reconciler publishes them after pending_timeout"
+                )
+            return
         for sink, rows in sent.items():
             try:
                 sink.deliver_all(rows.written)

@@ -58,6 +58,43 @@ def test_jobs_sent_in_a_session_are_published_only_after_commit(
     assert _customers(user_engine) == ["acme"]
 
 
+def _sqlite_autocommit_off(dbapi_connection, record):
+    dbapi_connection.isolation_level = None
+
+
+@pytest.mark.parametrize("join", ["create_savepoint", "conditional_savepoint"])
+@pytest.mark.parametrize("outer_commits", [True, False])
+def test_a_session_joined_to_an_outer_transaction_publishes_nothing_at_its_own_commit(
+    app, backend, user_engine, join, outer_commits, caplog
+):
+    # The pattern of test suites (and of some frameworks): a session bound to a connection
+    # whose transaction was begun outside it. The session's commit is not the database's.
+    if backend.name == "embedded":
+        # pysqlite on its defaults commits when a SAVEPOINT begins; SQLAlchemy's recipe
+        # for SQLite savepoints, as an application using them would apply it.
+        sa.event.listen(user_engine, "connect", _sqlite_autocommit_off)
+        sa.event.listen(user_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+    with user_engine.connect() as connection:
+        outer = connection.begin()
+        with Session(bind=connection, join_transaction_mode=join) as session:
+            with app.transaction(session):
+                session.add(Order(customer="hooli"))
+                result = jobs_project.add.delay(3, 4)
+            session.commit()
+        assert app.broker.queue_size(backend.queue) == 0  # the outer one may roll back
+        if outer_commits:
+            outer.commit()
+        else:
+            outer.rollback()
+    assert app.broker.queue_size(backend.queue) == 0
+    row = app.store.get(result.id)
+    if outer_commits:  # left for a worker's reconciler, which publishes pending rows
+        assert row.status == states.PENDING and _customers(user_engine) == ["hooli"]
+        assert "its jobs are not published now" in caplog.text
+    else:
+        assert row is None and _customers(user_engine) == []
+
+
 def test_a_rolled_back_transaction_leaves_no_job_and_no_message(app, backend, user_engine):
     with Session(user_engine) as session:
         with app.transaction(session):
