@@ -358,7 +358,7 @@ class JobStore:
                 values,
             )
             id_of = {task_id: row_id for row_id, task_id in returned}
-            ids += [id_of[str(uuid.UUID(one["task_id"]))] for one in batch]  # canonical
+            ids += [id_of[one["task_id"]] for one in batch]
         return ids
 
     def _bulk_insert_sql(self) -> tuple[str, list[str]]:
@@ -1497,9 +1497,11 @@ _ROW_COLUMNS = (
 
 
 def _row_params(job: NewJob) -> dict[str, Any]:
-    """The values of a new row's columns (:data:`_ROW_COLUMNS`), JSON as text."""
+    """The values of a new row's columns (:data:`_ROW_COLUMNS`), JSON as text, the task id
+    in its canonical spelling (the one the table gives back, on SQLite too)."""
     now = utcnow()
     values = {name: getattr(job, name) for name in _NEW_JOB_COLUMNS}
+    values["task_id"] = str(uuid.UUID(job.task_id))
     for name in _JSON_COLUMNS:
         if values[name] is not None:
             values[name] = str(values[name])

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 
 import jobs_project
 import kombu
@@ -28,6 +29,7 @@ from helpers import (
 
 from heretic_kombu import group, states
 from heretic_kombu.exceptions import QueueMismatchError, StoreError
+from heretic_kombu.store import NewJob
 
 ON_RABBITMQ = [pytest.param("services", marks=pytest.mark.services)]
 
@@ -96,6 +98,20 @@ def test_a_group_bigger_than_one_insert_sends_each_job_with_its_own_row(app, bac
                 json.loads(message.body)[0],
             )
     assert on_the_wire == {task_id: (row.id, row.args) for task_id, row in rows.items()}
+
+
+def test_rows_written_with_task_ids_in_any_uuid_spelling_come_back_as_their_own(app, backend):
+    # JobStore is public: a caller may hand it ids in upper case or without hyphens.
+    spellings = [uuid.uuid4() for _ in range(3)]
+    written = app.store.insert_plan(
+        [
+            NewJob(str(spellings[0]).upper(), "jobs_project.add", backend.queue, "{}", 1),
+            NewJob(spellings[1].hex, "jobs_project.add", backend.queue, "{}", 1),
+            NewJob(str(spellings[2]), "jobs_project.add", backend.queue, "{}", 1),
+        ]
+    )
+    for row, task_id in zip(written, spellings, strict=True):
+        assert row.id == app.store.get(str(task_id)).id
 
 
 def test_a_transaction_bigger_than_one_insert_runs_every_job_with_its_own_arguments(
