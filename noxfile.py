@@ -4,6 +4,8 @@ the benchmark or parity runner)."""
 
 from __future__ import annotations
 
+import os
+
 import nox
 
 nox.options.sessions = ["tests", "lint"]
@@ -15,7 +17,11 @@ PYPROJECT = nox.project.load_toml("pyproject.toml")
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (integration cases need PostgreSQL + RabbitMQ, or skip)."""
     session.install(".", *nox.project.dependency_groups(PYPROJECT, "test"))
-    session.run("pytest", *session.posargs)
+    # Cases are independent (each xdist process has its own PostgreSQL database, Redis
+    # database and queue names; see tests/helpers.py), and most of their time is spent
+    # waiting on real worker processes, so more processes than cores pay.
+    processes = os.environ.get("HERETIC_TEST_PROCESSES", "4")
+    session.run("pytest", "-n", processes, *session.posargs)
 
 
 @nox.session

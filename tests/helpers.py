@@ -23,8 +23,27 @@ PG_ADMIN_URL = os.environ.get(
     "HERETIC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 AMQP_URL = os.environ.get("HERETIC_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-# A database number of the tests' own: it is emptied at the start and end of a session.
-REDIS_URL = os.environ.get("HERETIC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _own_redis_database(url: str) -> str:
+    """``url`` with the database number of this test process: the URL's own number for a
+    plain run, and one lower for each further pytest-xdist worker (gw0 keeps it, gw1 takes
+    one less...), so parallel workers never empty each other's database."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker.removeprefix("gw")) if worker.removeprefix("gw").isdigit() else 0
+    base, _, number = url.rpartition("/")
+    if not number.isdigit():
+        return url
+    if index > int(number):
+        raise RuntimeError(f"{url}: too few Redis databases below it for xdist worker {worker}")
+    return f"{base}/{int(number) - index}"
+
+
+# A database number of the tests' own (per xdist worker, see above): it is emptied at the
+# start and end of a session.
+REDIS_URL = _own_redis_database(
+    os.environ.get("HERETIC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+)
 
 if str(PROJECTS) not in sys.path:
     sys.path.insert(0, str(PROJECTS))

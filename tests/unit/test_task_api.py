@@ -135,7 +135,10 @@ def test_apply_async_checks_the_signature_too(app: Heretic) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", [object(), float("nan"), "nul\x00", {"k": {1, 2}}, "\ud800"], ids=repr
+    "value",
+    [object(), float("nan"), "nul\x00", {"k": {1, 2}}, "\ud800"],
+    # Stable ids: every xdist process must collect the same names (repr(object()) differs).
+    ids=["object", "nan", "nul", "set", "lone-surrogate"],
 )
 def test_arguments_that_are_not_json_raise_encode_error_and_write_nothing(
     app: Heretic, value: Any
