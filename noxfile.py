@@ -26,12 +26,14 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff lint and format check, mypy on the package."""
+    """ruff lint and format check, mypy --strict on the package (with its optional
+    dependencies installed, so their real types are checked), the import-linter layers."""
     session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
-    session.install(".")
+    session.install(".[redis,dashboard]")
     session.run("mypy", "heretic_kombu")
+    session.run("lint-imports")
 
 
 @nox.session

@@ -40,9 +40,9 @@ def backoff_delay(
     rng: random.Random | None = None,
 ) -> float:
     """Seconds before the next attempt under exponential backoff (Celery's formula)."""
-    delay = min(maximum, factor * (2 ** max(retries, 0)))
+    delay = min(maximum, factor * (1 << max(retries, 0)))
     if jitter:
-        delay = (rng or random).uniform(0, delay)
+        delay = float((rng or random).uniform(0, delay))
     return max(0.0, delay)
 
 

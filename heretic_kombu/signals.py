@@ -79,7 +79,7 @@ def _same_sender(wanted: Any, sender: Any) -> bool:
     if wanted is sender or wanted == sender:
         return True
     # Celery lets a task's name stand for the task, and the other way round.
-    return getattr(wanted, "name", wanted) == getattr(sender, "name", sender)
+    return bool(getattr(wanted, "name", wanted) == getattr(sender, "name", sender))
 
 
 before_task_publish = Signal("before_task_publish")

@@ -29,7 +29,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import kombu
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
+from kombu.messaging import Consumer, Producer
 from kombu.transport.virtual import Transport as VirtualTransport
 
 from .. import protocol
@@ -116,24 +118,24 @@ class Broker:
 
     # -- connections and topology -------------------------------------------
 
-    def connect(self) -> kombu.Connection:
+    def connect(self) -> Connection:
         """A new kombu connection (not yet connected) for this broker URL."""
         options = dict(self.transport_options)
         if self.url.startswith("sqlite:"):
-            return kombu.Connection(
+            return Connection(
                 self.url, transport=embedded.Transport, transport_options=options
             )
         # Publishers put their channel in confirm mode themselves and read the confirms
         # when they choose (_Publisher); py-amqp's confirm_publish would wait for each.
         options.pop("confirm_publish", None)
-        return kombu.Connection(self.url, transport_options=options)
+        return Connection(self.url, transport_options=options)
 
     @property
     def dead_letters_natively(self) -> bool:
         """True when the broker routes rejected messages to ``q.dead`` by itself."""
         return self.url.startswith(("amqp:", "amqps:", "pyamqp:"))
 
-    def queue(self, name: str) -> kombu.Queue:
+    def queue(self, name: str) -> Queue:
         """The work queue ``name`` with its dead-letter arguments.
 
         With ``queue_type="quorum"`` it is a replicated quorum queue whose
@@ -152,16 +154,16 @@ class Broker:
                 arguments["x-delivery-limit"] = self.delivery_limit
         if self.queue_max_priority is not None:
             arguments["x-max-priority"] = self.queue_max_priority
-        exchange = kombu.Exchange(name, type="direct", durable=True)
-        return kombu.Queue(
+        exchange = Exchange(name, type="direct", durable=True)
+        return Queue(
             name, exchange, routing_key=name, durable=True, queue_arguments=arguments
         )
 
-    def dead_queue(self, name: str) -> kombu.Queue:
+    def dead_queue(self, name: str) -> Queue:
         """The dead-letter queue of the work queue ``name``."""
         dead = dead_queue_name(name)
-        exchange = kombu.Exchange(DEAD_EXCHANGE, type="direct", durable=True)
-        return kombu.Queue(dead, exchange, routing_key=dead, durable=True)
+        exchange = Exchange(DEAD_EXCHANGE, type="direct", durable=True)
+        return Queue(dead, exchange, routing_key=dead, durable=True)
 
     def declare(self, channel: Any, name: str) -> None:
         """Declare queue ``name`` and its dead-letter queue on ``channel``.
@@ -363,8 +365,8 @@ class Subscription:
         self._on_delivery = on_delivery
         self._prefetch = prefetch
         self._shared_qos = False
-        self._connection: kombu.Connection | None = None
-        self._consumers: list[kombu.Consumer] = []
+        self._connection: Connection | None = None
+        self._consumers: list[Consumer] = []
         #: Bumped at every (re)connection; a delivery carries the one it arrived on.
         self.generation = 0
         #: How many times the connection was lost and opened again.
@@ -415,7 +417,7 @@ class Subscription:
             self._unsettled.clear()  # the tags of a new channel start at 1 again
             self._settled.clear()
             consumers = [
-                kombu.Consumer(
+                Consumer(
                     channel,
                     [self.broker.queue(name)],
                     no_ack=False,
@@ -694,7 +696,7 @@ class _Publisher:
         except BaseException:
             _release_quietly(self.connection)
             raise
-        self.producer = kombu.Producer(channel)
+        self.producer = Producer(channel)
         self.declared: set[str] = set()
         #: True once a send completed on this connection.
         self.worked = False
@@ -773,7 +775,7 @@ class _Publisher:
             logger.debug("dropping a broker connection failed", exc_info=True)
 
 
-def _release_quietly(connection: kombu.Connection) -> None:
+def _release_quietly(connection: Connection) -> None:
     try:
         connection.release()
     except Exception:
@@ -784,7 +786,7 @@ def _is_precondition_failed(exc: BaseException) -> bool:
     return getattr(exc, "reply_code", None) == 406 or getattr(exc, "code", None) == 406
 
 
-def _mismatch_message(queue: kombu.Queue, exc: BaseException) -> str:
+def _mismatch_message(queue: Queue, exc: BaseException) -> str:
     arguments = getattr(queue, "queue_arguments", None) or {}
     wanted = ", ".join(f"{k}={v}" for k, v in arguments.items()) or "none"
     return (

@@ -144,7 +144,7 @@ class QoS(virtual.QoS):
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
         """Make every unacknowledged message of this channel visible again as redelivered."""
         self._flush()
-        delivered: dict[str, Any] = self._delivered  # type: ignore[assignment]
+        delivered: dict[str, Any] = self._delivered
         tokens = list(delivered)
         delivered.clear()
         if tokens:

@@ -113,7 +113,7 @@ def jobs() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_obj
 def jobs_list(
-    state: State, limit: int, after: str | None, order: str, as_json: bool, **options: Any
+    state: State, /, limit: int, after: str | None, order: str, as_json: bool, **options: Any
 ) -> None:
     """Jobs matching the filters, newest first."""
     filters = query_filters(**options)
@@ -178,7 +178,7 @@ def jobs_show(state: State, task_id: str, as_json: bool) -> None:
 @filter_options
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
-def jobs_retry(state: State, task_ids: tuple[str, ...], yes: bool, **options: Any) -> None:
+def jobs_retry(state: State, /, task_ids: tuple[str, ...], yes: bool, **options: Any) -> None:
     """Send failed or revoked jobs again: the ones named, or every one matching the
     filters (asks first, unless --yes). Each keeps its id and history; the retry is
     logged in its attempt_logs."""
@@ -231,7 +231,7 @@ def jobs_cancel(state: State, task_ids: tuple[str, ...]) -> None:
 @filter_options
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
-def jobs_purge(state: State, yes: bool, **options: Any) -> None:
+def jobs_purge(state: State, /, yes: bool, **options: Any) -> None:
     """Delete finished jobs (succeeded, failed, revoked) matching the filters."""
     app = state.app()
     filters = query_filters(**options)

@@ -68,7 +68,7 @@ class HereticGroup(click.Group):
 
 
 def _epilog() -> str:
-    exit_codes = __doc__.split("\n\n", 1)[1].replace("\n", " ")  # type: ignore[union-attr]
+    exit_codes = (__doc__ or "").split("\n\n", 1)[1].replace("\n", " ")
     names = ", ".join(env_var(f.name) for f in dataclasses.fields(Settings))
     return f"{exit_codes}\n\nSettings from the environment: {names}."
 

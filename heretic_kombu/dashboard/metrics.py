@@ -103,7 +103,7 @@ class _Snapshot:
 
 def render(data: MetricsData) -> bytes:
     """The exposition text for ``data``."""
-    return generate_latest(_Snapshot(data))  # type: ignore[arg-type]
+    return generate_latest(_Snapshot(data))
 
 
 def _buckets(values: list[float]) -> list[tuple[str, float]]:
