@@ -122,9 +122,7 @@ class Broker:
         """A new kombu connection (not yet connected) for this broker URL."""
         options = dict(self.transport_options)
         if self.url.startswith("sqlite:"):
-            return Connection(
-                self.url, transport=embedded.Transport, transport_options=options
-            )
+            return Connection(self.url, transport=embedded.Transport, transport_options=options)
         # Publishers put their channel in confirm mode themselves and read the confirms
         # when they choose (_Publisher); py-amqp's confirm_publish would wait for each.
         options.pop("confirm_publish", None)
@@ -155,9 +153,7 @@ class Broker:
         if self.queue_max_priority is not None:
             arguments["x-max-priority"] = self.queue_max_priority
         exchange = Exchange(name, type="direct", durable=True)
-        return Queue(
-            name, exchange, routing_key=name, durable=True, queue_arguments=arguments
-        )
+        return Queue(name, exchange, routing_key=name, durable=True, queue_arguments=arguments)
 
     def dead_queue(self, name: str) -> Queue:
         """The dead-letter queue of the work queue ``name``."""
