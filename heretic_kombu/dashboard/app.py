@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import threading
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -45,6 +46,7 @@ from .security import (
     Access,
     is_loopback,
     safe_next,
+    same_origin,
 )
 
 if TYPE_CHECKING:
@@ -150,7 +152,7 @@ class Dashboard:
             request=request,
             csrf=request.state.csrf,
             csrf_field=CSRF_FIELD,
-            login=self.access.token is not None,
+            login=request.state.session is not None,  # offer "Log out" to a session only
             **context,
         )
         return HTMLResponse(html, status_code=status_code)
@@ -168,7 +170,9 @@ class Dashboard:
                 fields = dict(urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True))
             except (UnicodeDecodeError, ValueError):
                 raise HTTPException(400, "unreadable form") from None
-        if not self.access.csrf_ok(request.cookies.get(CSRF_COOKIE), fields.get(CSRF_FIELD)):
+        if not self.access.csrf_ok(
+            request.cookies.get(CSRF_COOKIE), fields.get(CSRF_FIELD), request.state.session
+        ):
             raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
         return fields
 
@@ -336,14 +340,29 @@ class Dashboard:
         if request.method == "GET":
             return self.render(request, "login.html", target=target, error=None, nav="")
         fields = await self.form(request)
+        client = request.client.host if request.client else "unknown"
+        wait = self.access.throttle.wait(client)
+        if wait > 0:
+            refused = self.render(
+                request,
+                "login.html",
+                429,
+                target=target,
+                error=f"too many failed logins: try again in {math.ceil(wait)} s",
+                nav="",
+            )
+            refused.headers["Retry-After"] = str(math.ceil(wait))
+            return refused
         if not self.access.token_ok(fields.get("token", "")):
+            self.access.throttle.failed(client)
             return self.render(
                 request, "login.html", 401, target=target, error="wrong token", nav=""
             )
+        self.access.throttle.succeeded(client)
         response = RedirectResponse(safe_next(fields.get("next")), status_code=303)
         response.set_cookie(
             AUTH_COOKIE,
-            self.access.login_cookie(),
+            self.access.login(),
             max_age=LOGIN_TTL,
             httponly=True,
             samesite="strict",
@@ -352,6 +371,7 @@ class Dashboard:
 
     async def logout(self, request: Request) -> Response:
         await self.form(request)
+        self.access.logout(request.cookies.get(AUTH_COOKIE))
         response = RedirectResponse("/login" if self.access.token else "/", status_code=303)
         response.delete_cookie(AUTH_COOKIE)
         return response
@@ -368,14 +388,18 @@ class _Guard(BaseHTTPMiddleware):
         self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         access = self.dashboard.access
+        request.state.session = access.session(request.cookies.get(AUTH_COOKIE))
         refusal = self._refusal(request, access)
         if refusal is not None:
             return _secured(refusal)
-        cookie = request.cookies.get(CSRF_COOKIE)
         fresh = None
-        if access.unsign(cookie) is None:
-            fresh = access.new_csrf()
-        request.state.csrf = fresh or cookie
+        if request.state.session is not None:
+            request.state.csrf = access.session_csrf(request.state.session)
+        else:
+            cookie = request.cookies.get(CSRF_COOKIE)
+            if access.unsign(cookie) is None:
+                fresh = access.new_csrf()
+            request.state.csrf = fresh or cookie
         response = await call_next(request)
         if fresh is not None:
             response.set_cookie(CSRF_COOKIE, fresh, httponly=True, samesite="strict")
@@ -383,6 +407,15 @@ class _Guard(BaseHTTPMiddleware):
 
     @staticmethod
     def _refusal(request: Request, access: Access) -> Response | None:
+        if request.method not in ("GET", "HEAD"):
+            headers = request.headers
+            origin = same_origin(headers.get("host"), headers.get("origin"), headers.get("referer"))
+            if origin is False or (origin is None and "authorization" not in headers):
+                return Response(
+                    "refused: this request did not come from a page of this dashboard "
+                    "(its Origin or Referer names another site, or it names none)",
+                    status_code=403,
+                )
         if not access.required:
             # Open to this machine only. A site that rebinds its own name to 127.0.0.1
             # would send its name as Host: refuse it (DNS rebinding).
@@ -399,7 +432,7 @@ class _Guard(BaseHTTPMiddleware):
             return None
         if access.authorization_ok(request.headers.get("authorization")):
             return None
-        if access.login_ok(request.cookies.get(AUTH_COOKIE)):
+        if request.state.session is not None:
             return None
         if access.basic_auth is not None:
             return Response(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,7 +30,7 @@ from typing import Any
 import canvas_tasks as ct
 import jobs_project
 import pytest
-from helpers import PROJECTS, REQUIRE_SERVICES, wait_for
+from helpers import PROJECTS, REQUIRE_SERVICES, wait_for, wait_queued
 
 from heretic_kombu import states
 
@@ -58,8 +59,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def dashboard_url(backend: Any, tmp_path: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def _dashboard(tmp_path: Path, *options: str) -> Iterator[str]:
     """``heretic dashboard`` on a free loopback port, started as a user starts it."""
     port = _free_port()
     log = tmp_path / "dashboard.log"
@@ -68,7 +69,7 @@ def dashboard_url(backend: Any, tmp_path: Path) -> Iterator[str]:
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "heretic_kombu.cli", "dashboard", "-A", "jobs_project"]
-            + ["--port", str(port), "-l", "warning"],
+            + ["--port", str(port), "-l", "warning", *options],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -81,8 +82,8 @@ def dashboard_url(backend: Any, tmp_path: Path) -> Iterator[str]:
         if process.poll() is not None:
             pytest.fail(f"the dashboard exited with {process.returncode}:\n{log.read_text()}")
         try:
-            with urllib.request.urlopen(f"{url}/", timeout=5) as response:
-                return response.status == 200
+            with urllib.request.urlopen(f"{url}/login" if options else f"{url}/", timeout=5) as r:
+                return r.status == 200
         except (urllib.error.URLError, OSError):
             return False
 
@@ -98,6 +99,12 @@ def dashboard_url(backend: Any, tmp_path: Path) -> Iterator[str]:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
+
+
+@pytest.fixture
+def dashboard_url(backend: Any, tmp_path: Path) -> Iterator[str]:
+    with _dashboard(tmp_path) as url:
+        yield url
 
 
 def test_search_open_and_retry_a_failed_job_in_chromium(
@@ -193,3 +200,86 @@ def test_search_open_and_retry_a_failed_job_in_chromium(
             browser.close()
     assert app.jobs.get(failed.id).status == states.SUCCEEDED
     assert all(path.stat().st_size > 0 for path in taken) and len(taken) == 9
+
+
+ATTACK_PAGE = """<!doctype html>
+<title>cute cats</title>
+<form id="f" method="post" action="{action}">
+  <input type="hidden" name="csrf_token" value="{token}">
+</form>
+<script>
+  // Cookies ignore ports: this page, on another port of the same host, sets the
+  // dashboard's CSRF cookie to the pair its server fetched, then posts the form.
+  document.cookie = "heretic_csrf={token}; path=/";
+  document.getElementById("f").submit();
+</script>
+"""
+
+
+def test_a_page_on_another_loopback_port_cannot_act_for_a_logged_in_user(
+    app: Any, backend: Any, tmp_path: Path
+) -> None:
+    """The same-site attack: a page served on another port of 127.0.0.1 is same-site for
+    the browser, so SameSite cookies go along and it may set cookies of its own."""
+    _require_browser()
+    import http.server
+    import threading
+
+    from playwright.sync_api import expect, sync_playwright
+
+    victim = jobs_project.add.delay(20, 22)  # no worker: it stays queued
+    wait_queued(app, victim.id)
+    with _dashboard(tmp_path, "--token", "s3cret-token") as url:
+        # The attacker's server asks for a token, as anyone may, without credentials.
+        with urllib.request.urlopen(f"{url}/login", timeout=10) as response:
+            stolen = re.search(r'name="csrf_token" value="([^"]+)"', response.read().decode())
+        assert stolen is not None
+        page_html = ATTACK_PAGE.format(action=f"{url}/jobs/{victim.id}/cancel", token=stolen[1])
+
+        class Attacker(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                body = page_html.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Attacker)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        shots = SCREENSHOTS / f"{backend.name}-attack"
+        shutil.rmtree(shots, ignore_errors=True)
+        shots.mkdir(parents=True)
+        try:
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+                try:
+                    page = browser.new_page(viewport={"width": 1280, "height": 700})
+                    expect.set_options(timeout=15_000)
+                    page.goto(f"{url}/login")
+                    page.fill("input[name=token]", "s3cret-token")
+                    page.click("form[action='/login'] button[type=submit]")
+                    expect(page.locator("#task-counts")).to_be_visible()  # logged in
+
+                    attack = f"http://127.0.0.1:{server.server_address[1]}/cats.html"
+                    with page.expect_response(f"{url}/jobs/{victim.id}/cancel") as answer:
+                        page.goto(attack)
+                    assert answer.value.status == 403
+                    expect(page.locator("body")).to_contain_text(
+                        "did not come from a page of this dashboard"
+                    )
+                    page.screenshot(path=str(shots / "01-cross-port-post-refused.png"))
+
+                    # Still logged in; the job was not touched.
+                    page.goto(f"{url}/jobs/{victim.id}")
+                    expect(page.locator("#status")).to_have_text("queued")
+                    page.screenshot(path=str(shots / "02-job-untouched.png"))
+                finally:
+                    browser.close()
+        finally:
+            server.shutdown()
+            server.server_close()
+    assert app.jobs.get(victim.id).status == states.QUEUED

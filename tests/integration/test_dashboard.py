@@ -33,7 +33,10 @@ CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 @pytest.fixture
 def client(app):
-    with TestClient(create_app(app), base_url="http://127.0.0.1") as test_client:
+    # A browser sends its page's origin with every POST; the dashboard refuses one without.
+    with TestClient(
+        create_app(app), base_url="http://127.0.0.1", headers={"Origin": "http://127.0.0.1"}
+    ) as test_client:
         yield test_client
 
 
@@ -284,7 +287,9 @@ def test_overview_and_metrics(app, client, start_worker):
 
 def test_token_and_basic_auth_are_enforced(app):
     tokened = create_app(app, Access(token="s3cret-token"))
-    with TestClient(tokened, base_url="http://dashboard.example") as web:
+    with TestClient(
+        tokened, base_url="http://dashboard.example", headers={"Origin": "http://dashboard.example"}
+    ) as web:
         first = web.get("/jobs?task=x", follow_redirects=False)
         assert first.status_code == 303 and first.headers["location"].startswith("/login?next=")
         assert web.get("/metrics").status_code == 401
@@ -301,6 +306,7 @@ def test_token_and_basic_auth_are_enforced(app):
         )
         assert good.status_code == 200 and good.url.path == "/"
         assert web.get("/jobs").status_code == 200
+        token = csrf_of(web, "/jobs")  # logged in, the forms carry the session's token
         web.post("/logout", data={"csrf_token": token})
         assert web.get("/jobs", follow_redirects=False).status_code == 303
 
@@ -323,6 +329,80 @@ def test_token_and_basic_auth_are_enforced(app):
         assert web.get("/").status_code == 400
     with TestClient(create_app(app), base_url="http://localhost:5555") as web:
         assert web.get("/").status_code == 200
+
+
+def test_posts_from_another_origin_are_refused(app, client):
+    """A page on another port of the same host is same-site: it gets the cookies sent
+    (and can set them), so only the origin tells it apart."""
+    queued = jobs_project.add.delay(3, 4)
+    wait_queued(app, queued.id)
+    token = csrf_of(client, f"/jobs/{queued.id}")
+    cancel = f"/jobs/{queued.id}/cancel"
+    for headers in (
+        {"Origin": "http://127.0.0.1:8081"},
+        {"Origin": "http://localhost"},
+        {"Origin": "https://127.0.0.1:8443"},
+        {"Origin": "null"},
+        {"Origin": "", "Referer": "http://127.0.0.1:8081/attack.html"},
+        {"Origin": ""},  # neither: a script without credentials
+    ):
+        refused = client.post(cancel, data={"csrf_token": token}, headers=headers)
+        assert refused.status_code == 403, headers
+        assert "did not come from a page of this dashboard" in refused.text
+    assert app.jobs.get(queued.id).status == states.QUEUED
+    by_referer = client.post(
+        cancel,
+        data={"csrf_token": token},
+        headers={"Origin": "", "Referer": f"http://127.0.0.1/jobs/{queued.id}"},
+    )
+    assert by_referer.status_code == 200
+    assert app.jobs.get(queued.id).status == states.REVOKED
+
+
+def test_login_sessions_bind_the_csrf_token_and_end_at_logout(app):
+    queued = jobs_project.add.delay(5, 6)
+    wait_queued(app, queued.id)
+    origin = {"Origin": "http://127.0.0.1"}
+    with TestClient(
+        create_app(app, Access(token="s3cret-token")), base_url="http://127.0.0.1", headers=origin
+    ) as web:
+        # Anyone may load the login page and get a token with its cookie...
+        anonymous = csrf_of(web, "/login")
+        anonymous_cookie = web.cookies.get("heretic_csrf")
+        web.post("/login", data={"csrf_token": anonymous, "token": "s3cret-token"})
+        login_cookie = web.cookies.get("heretic_auth")
+        # ...but logged in, only the session's own token acts.
+        refused = web.post(f"/jobs/{queued.id}/cancel", data={"csrf_token": anonymous})
+        assert refused.status_code == 403 and "CSRF" in refused.text
+        assert web.cookies.get("heretic_csrf") == anonymous_cookie
+        assert app.jobs.get(queued.id).status == states.QUEUED
+        token = csrf_of(web, f"/jobs/{queued.id}")
+        assert token != anonymous
+        done = web.post(f"/jobs/{queued.id}/cancel", data={"csrf_token": token})
+        assert "Cancelled" in element(done.text, "notice")
+
+        web.post("/logout", data={"csrf_token": token})
+        # The old cookie, replayed after logout, opens nothing.
+        web.cookies.set("heretic_auth", login_cookie)
+        assert web.get("/jobs", follow_redirects=False).status_code == 303
+        after = web.post(f"/jobs/{queued.id}/retry", data={"csrf_token": token})
+        assert after.status_code == 401
+
+
+def test_failed_logins_are_throttled(app):
+    origin = {"Origin": "http://127.0.0.1"}
+    with TestClient(
+        create_app(app, Access(token="s3cret-token")), base_url="http://127.0.0.1", headers=origin
+    ) as web:
+        token = csrf_of(web, "/login")
+        for _ in range(5):
+            wrong = web.post("/login", data={"csrf_token": token, "token": "guess"})
+            assert wrong.status_code == 401
+        # Even the right token waits now: a guesser cannot tell it found it.
+        held = web.post("/login", data={"csrf_token": token, "token": "s3cret-token"})
+        assert held.status_code == 429 and "too many failed logins" in held.text
+        assert 0 < int(held.headers["retry-after"]) <= 300
+        assert web.get("/jobs", follow_redirects=False).status_code == 303
 
 
 def heretic(*args: str, env: dict[str, str] | None = None, code: str | None = None):
