@@ -56,6 +56,12 @@ class NotRegistered(HereticKombuError, KeyError):
         return str(self.args[0])
 
 
+class InvalidValue(HereticKombuError, ValueError):
+    """A value heretic could not store, read back, publish or run (a date out of range,
+    a counter too large for its column, a NUL in a name...): refused where it entered,
+    with nothing written."""
+
+
 class EncodeError(HereticKombuError, _KombuEncodeError):
     """The value cannot be encoded as JSON."""
 

@@ -15,11 +15,12 @@ import binascii
 import dataclasses
 import datetime as dt
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from . import states
+from . import limits, states
 
 #: Comparison operators a ``where`` clause may use.
 OPERATORS = ("=", "!=", ">", ">=", "<", "<=")
@@ -31,6 +32,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _WHERE = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(!=|>=|<=|=|>|<)\s*(.*)$", re.S)
 MAX_LIMIT = 10_000
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +53,9 @@ class Where:
             raise ValueError(f"bad operator {op!r}: use one of {' '.join(OPERATORS)}")
         if op not in ("=", "!=") and not isinstance(value, (int, float, str)):
             raise ValueError(f"{op} compares numbers or strings, not {type(value).__name__}")
-        if isinstance(value, float) and value != value:
-            raise ValueError("NaN cannot be compared")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{value}: NaN and infinity cannot be compared, use a finite number")
+        limits.no_nul(value, f"the value compared with {path}")
         return cls(tuple(path.split(".")), op, value)
 
     @classmethod
@@ -101,9 +104,23 @@ class JobQuery:
             raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
         if self.payload is not None and not isinstance(self.payload, Mapping):
             raise ValueError("payload must be a JSON object, e.g. {'kwargs': {'to': 'bob'}}")
-        for moment in (self.since, self.until):
-            if moment is not None and moment.tzinfo is None:
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
                 raise ValueError("since/until must be timezone-aware datetimes")
+            if value is not None:
+                limits.moment(value, name)
+        for name in ("task", "queue", "error_contains", "root_id", "group_id"):
+            if getattr(self, name) is not None:
+                limits.text(getattr(self, name), name)
+        for status in self.statuses:
+            limits.text(status, "status")
+        if self.payload is not None:
+            limits.no_nul(self.payload, "payload")
+        for name in ("root_id", "group_id"):
+            value = getattr(self, name)
+            if value is not None and not _UUID.match(value.strip()):
+                raise ValueError(f"{name} {value!r} is not a task id (a UUID)")
         if self.after is not None:
             decode_cursor(self.after)  # refuse a bad cursor before any SQL
 
@@ -150,7 +167,8 @@ def parse_duration(text: str) -> dt.timedelta:
     match = _DURATION.match(text) if isinstance(text, str) else None
     if not match:
         raise ValueError(f"bad duration {text!r}: use a number and s, m, h, d or w, e.g. 2h")
-    return dt.timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    number = limits.seconds(float(match.group(1)) * _UNITS[match.group(2)], f"duration {text!r}")
+    return dt.timedelta(seconds=number)
 
 
 def moment(value: dt.datetime | dt.timedelta | str | None) -> dt.datetime | None:
@@ -161,16 +179,16 @@ def moment(value: dt.datetime | dt.timedelta | str | None) -> dt.datetime | None
         return value
     now = dt.datetime.now(dt.timezone.utc)
     if isinstance(value, dt.timedelta):
-        return now - value
+        return limits.before(now, value, f"the time {value} ago")
     if isinstance(value, str) and _DURATION.match(value):
-        return now - parse_duration(value)
+        return limits.before(now, parse_duration(value), f"the time {value.strip()} ago")
     try:
         parsed = dt.datetime.fromisoformat(value)
     except (TypeError, ValueError):
         raise ValueError(
             f"bad time {value!r}: use a duration like 2h or an ISO 8601 date"
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    return limits.moment(parsed, "time")
 
 
 def encode_cursor(sort_value: Any, row_id: int) -> str:

@@ -125,3 +125,24 @@ def test_celerys_scheduling_option_is_accepted_and_said_to_change_nothing(app, s
     worker = start_worker("-O", "fair")
     assert jobs_project.add.delay(2, 2).get(timeout=30) == 4
     assert "-O fair: accepted as Celery's, with no effect" in worker.log()
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        ["--since", "999999999w"],
+        ["--since", "2900000d"],
+        ["--until", "9999-12-31T23:30-01:00"],  # year 10000 in UTC
+        ["--since", "0001-01-01T00:30+01:00"],  # year 0 in UTC
+        ["--where", "kwargs.n>1e400"],  # infinity
+        ["--where", 'kwargs.to="a\\u0000b"'],  # a NUL, which PostgreSQL's text cannot hold
+        ["--payload", '{"kwargs": {"k\\u0000": 1}}'],
+        ["--root", "not-a-task-id"],
+    ],
+)
+def test_hostile_filters_are_usage_errors_in_one_line(backend, filters):
+    done = heretic("-A", "jobs_project", "jobs", "list", *filters)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("Error: ")
+    assert done.stdout == ""

@@ -331,6 +331,22 @@ def test_token_and_basic_auth_are_enforced(app):
         assert web.get("/").status_code == 200
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"since": "999999999w"},
+        {"until": "9999-12-31T23:30-01:00"},
+        {"where": "kwargs.n>1e400"},
+        {"task": "add\x00"},
+        {"root": "not-a-task-id"},
+    ],
+)
+def test_hostile_search_filters_answer_400_with_the_reason(client, params):
+    page = client.get("/jobs", params=params)
+    assert page.status_code == 400
+    assert element(page.text, "error").strip()
+
+
 def test_posts_from_another_origin_are_refused(app, client):
     """A page on another port of the same host is same-site: it gets the cookies sent
     (and can set them), so only the origin tells it apart."""

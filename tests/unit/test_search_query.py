@@ -100,3 +100,26 @@ def test_query_validation():
         JobQuery(limit=0)
     query = JobQuery.build(status="failed", where=["kwargs.to=bob", ("args.0", ">", 3)], since="1h")
     assert query.statuses == ("failed",) and len(query.where) == 2 and query.since is not None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"since": "999999999w"},
+        {"since": dt.timedelta(days=999_999_999)},
+        {"until": "9999-12-31T23:30-01:00"},
+        {"until": dt.datetime(9999, 12, 31, 23, 30, tzinfo=dt.timezone(-dt.timedelta(hours=1)))},
+        {"where": ["kwargs.n>1e400"]},
+        {"where": [("kwargs.n", "<", float("-inf"))]},
+        {"where": [("kwargs.to", "=", "a\x00b")]},
+        {"task": "tasks.\x00add"},
+        {"queue": "q\x00"},
+        {"error_contains": "\x00"},
+        {"payload": {"kwargs": {"to\x00": "bob"}}},
+        {"root_id": "not-a-task-id"},
+        {"group_id": "1; DROP TABLE heretic_jobs"},
+    ],
+)
+def test_hostile_filters_are_refused_before_any_sql(fields):
+    with pytest.raises(ValueError):
+        JobQuery.build(**fields)
