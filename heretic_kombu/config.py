@@ -9,6 +9,7 @@ environment is read when settings are built, never at import time.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import socket
@@ -41,6 +42,8 @@ CELERY_KEYS = {
 _SERIALIZER_KEYS = ("task_serializer", "result_serializer", "accept_content", "event_serializer")
 
 POOLS = ("prefork", "threads", "solo")
+#: The databases heretic's table may live in (the store speaks psycopg2 to PostgreSQL).
+DATABASE_SCHEMES = ("postgresql", "postgresql+psycopg2", "sqlite", "sqlite+pysqlite")
 QUEUE_TYPES = ("classic", "quorum")
 
 
@@ -125,12 +128,27 @@ class Settings:
             if env_value not in (None, ""):
                 values[field.name] = env_value
         coerced = {name: _coerce(cls, name, value) for name, value in values.items()}
+        if isinstance(coerced.get("database_url"), str):
+            coerced["database_url"] = database_url(coerced["database_url"])
         settings = cls(**coerced)
         settings.validate()
         return settings
 
     def validate(self) -> None:
         """Raise :class:`ConfigurationError` for values no worker could use."""
+        scheme = self.database_url.partition(":")[0].lower()
+        if scheme not in DATABASE_SCHEMES:
+            raise ConfigurationError(
+                f"database_url ({env_var('database_url')}) {redact_url(self.database_url)!r}:"
+                " heretic keeps its table in PostgreSQL (postgresql://user@host/db) or SQLite"
+                " (sqlite:///path/jobs.sqlite3)"
+            )
+        broker_scheme = self.broker_url.partition(":")[0].lower()
+        if broker_scheme in ("redis", "rediss") and importlib.util.find_spec("redis") is None:
+            raise ConfigurationError(
+                f"broker_url ({env_var('broker_url')}) is a Redis URL, but the redis package"
+                " is not installed: pip install 'heretic-kombu[redis]'"
+            )
         if self.pool not in POOLS:
             raise ConfigurationError(
                 f"pool ({env_var('pool')}) must be one of {', '.join(POOLS)}, not {self.pool!r}"
@@ -217,6 +235,18 @@ class Settings:
     def effective_worker_name(self) -> str:
         """The worker's name as written in rows: ``worker_name`` or heretic@<hostname>."""
         return self.worker_name or f"heretic@{socket.gethostname()}"
+
+
+def database_url(url: str) -> str:
+    """``url`` in the spelling SQLAlchemy takes: ``postgres://`` (Heroku's and many
+    platforms' DATABASE_URL) becomes ``postgresql://``, and Celery's database result
+    backend prefix ``db+`` is dropped, so a URL copied from either works."""
+    if url.lower().startswith("db+"):
+        url = url[3:]
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() == "postgres":
+        return f"postgresql://{rest}"
+    return url
 
 
 def env_var(name: str) -> str:

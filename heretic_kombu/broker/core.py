@@ -20,13 +20,14 @@ and calls :class:`Subscription` methods.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
 import select
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from kombu.connection import Connection
@@ -127,6 +128,39 @@ class Broker:
         # when they choose (_Publisher); py-amqp's confirm_publish would wait for each.
         options.pop("confirm_publish", None)
         return Connection(self.url, transport_options=options)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A connection opened now (one attempt), for a short piece of work. A broker that
+        refuses us or cannot be reached raises one clear :class:`BrokerError`."""
+        connection = self.connect()
+        try:
+            try:
+                connection.connect()
+            except Exception as exc:
+                raise self.refusal(exc) or BrokerError(
+                    f"cannot reach the broker at {redact_url(self.url)}: {exc}"
+                ) from exc
+            yield connection
+        finally:
+            _release_quietly(connection)
+
+    def refusal(self, exc: BaseException) -> ConfigurationError | None:
+        """The configuration error behind ``exc`` when the broker answered but refused
+        us (a wrong password, a missing vhost): waiting will not mend it."""
+        code = getattr(exc, "reply_code", None) or getattr(exc, "code", None)
+        where = redact_url(self.url)
+        if code == 403 or type(exc).__name__ == "AuthenticationError":
+            return ConfigurationError(
+                f"the broker at {where} refused the login ({exc}): check the user and"
+                " password in the broker URL (HERETIC_BROKER_URL / broker_url)"
+            )
+        if code == 530:
+            return ConfigurationError(
+                f"the broker at {where} refused the connection ({exc}): does the vhost in"
+                " the URL exist, and may this user use it?"
+            )
+        return None
 
     @property
     def dead_letters_natively(self) -> bool:
@@ -320,7 +354,7 @@ class Broker:
     def queue_size(self, name: str, dead: bool = False) -> int:
         """Messages ready in queue ``name``, or in its dead-letter queue with ``dead``
         (declares the pair if missing). Counting takes no message."""
-        with self.connect() as connection:
+        with self.connection() as connection:
             channel = connection.default_channel
             self.declare(channel, name)
             queue = self.dead_queue(name) if dead else self.queue(name)
@@ -424,8 +458,11 @@ class Subscription:
             ]
             for consumer in consumers:
                 consumer.consume()
-        except BaseException:
+        except BaseException as exc:
             _release_quietly(connection)
+            refusal = self.broker.refusal(exc)
+            if refusal is not None:
+                raise refusal from exc
             raise
         self._consumers = consumers
         self._connection = connection

@@ -49,7 +49,7 @@ class DeadLetters:
     def list(self, limit: int = 100) -> list[DeadLetter]:
         """The first ``limit`` dead letters, left in the queue."""
         found: list[DeadLetter] = []
-        with self.broker.connect() as connection:
+        with self.broker.connection() as connection:
             channel = connection.channel()
             self.broker.declare(channel, self.queue)
             dead = self.broker.dead_queue(self.queue)(channel)
@@ -68,7 +68,7 @@ class DeadLetters:
         """For each dead letter that ``select`` picks, call ``send`` (which republishes
         the job) and then ack it; the others stay. Returns how many were replayed."""
         replayed = 0
-        with self.broker.connect() as connection:
+        with self.broker.connection() as connection:
             channel = connection.channel()
             self.broker.declare(channel, self.queue)
             dead = self.broker.dead_queue(self.queue)(channel)

@@ -146,3 +146,34 @@ def test_hostile_filters_are_usage_errors_in_one_line(backend, filters):
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("Error: ")
     assert done.stdout == ""
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("backend", ["services"], indirect=True)
+@pytest.mark.parametrize(
+    ("broker", "said"),
+    [
+        ("amqp://guest:not-the-password@127.0.0.1:5672//", "refused the login"),
+        ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "does the vhost in the URL exist"),
+        ("amqp://guest:guest@127.0.0.1:1//", "cannot reach the broker"),
+    ],
+)
+def test_a_broker_that_refuses_us_is_one_line_and_exit_1(backend, broker, said):
+    for command in (["dead", "list"], ["worker", "-A", "jobs_project", "-P", "solo"]):
+        if command[0] == "worker" and "cannot reach" in said:
+            continue  # a worker waits for a broker that is down (it may come back)
+        done = heretic(*command, env={"HERETIC_BROKER_URL": broker})
+        assert done.returncode == 1, command
+        assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert "not-the-password" not in done.stderr
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("backend", ["services"], indirect=True)
+@pytest.mark.parametrize(
+    "url", ["postgres://postgres@127.0.0.1:5432/{db}", "db+postgresql://postgres@127.0.0.1/{db}"]
+)
+def test_database_urls_in_other_spellings_work(backend, url):
+    database = backend.database_url.rsplit("/", 1)[1]
+    done = heretic("jobs", "list", env={"HERETIC_DATABASE_URL": url.format(db=database)})
+    assert done.returncode == 0, done.stderr

@@ -301,3 +301,23 @@ def test_redact_url_leaves_urls_without_password_alone(url: str) -> None:
 
 def test_redact_url_of_garbage_does_not_echo_it() -> None:
     assert "secret" not in redact_url("amqp://guest:secret@[::1")
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("postgres://app@db.internal/jobs", "postgresql://app@db.internal/jobs"),
+        ("db+postgresql://app@db.internal/jobs", "postgresql://app@db.internal/jobs"),
+        ("db+sqlite:///results.sqlite3", "sqlite:///results.sqlite3"),
+        ("postgresql+psycopg2://app@db/jobs", "postgresql+psycopg2://app@db/jobs"),
+    ],
+)
+def test_database_urls_of_other_spellings_are_taken(given: str, used: str) -> None:
+    assert Settings.build({}, env={"HERETIC_DATABASE_URL": given}).database_url == used
+
+
+@pytest.mark.parametrize("url", ["mysql://u:pw@host/db", "nonsense", "redis://127.0.0.1/0"])
+def test_a_database_heretic_cannot_keep_its_table_in_is_refused_in_one_line(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="PostgreSQL .* or SQLite") as info:
+        Settings.build({"database_url": url}, env={})
+    assert "pw" not in str(info.value)
