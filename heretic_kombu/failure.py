@@ -11,8 +11,10 @@ sees the type name and message.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
+import traceback
 from typing import Any
 
 from . import exceptions
@@ -21,21 +23,69 @@ _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 def describe(exc: BaseException) -> dict[str, Any]:
-    """The JSON-able description of ``exc`` stored in the row's ``result``."""
+    """The JSON-able description of ``exc`` stored in the row's ``result`` (never raises,
+    whatever the exception's arguments or its ``__repr__`` do)."""
     args: list[Any] = []
-    for arg in exc.args:
-        args.append(arg if isinstance(arg, (str, int, float, bool, type(None))) else repr(arg))
+    for arg in _args(exc):
+        if isinstance(arg, str):
+            args.append(clean(arg))
+        elif isinstance(arg, (int, float, bool, type(None))) and _finite(arg):
+            args.append(arg)
+        else:
+            args.append(clean(_safely(repr, arg)))
     return {
-        "exc_type": type(exc).__qualname__,
-        "exc_module": type(exc).__module__,
+        "exc_type": clean(type(exc).__qualname__),
+        "exc_module": clean(str(type(exc).__module__)),
         "exc_message": args,
     }
 
 
 def summary(exc: BaseException) -> str:
-    """The one-line ``error`` column: ``TypeName: message``."""
-    message = str(exc)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    """The one-line ``error`` column: ``TypeName: message`` (never raises)."""
+    message = _safely(str, exc)
+    name = type(exc).__name__
+    return clean(f"{name}: {message}" if message else name)
+
+
+def formatted(exc: BaseException) -> str:
+    """The ``traceback`` column: the exception formatted as Python prints it."""
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception as error:  # a __str__ or a frame that cannot be shown
+        text = f"{type(exc).__name__} (its traceback could not be formatted: {error!r})"
+    return clean(text)
+
+
+def clean(text: str) -> str:
+    """``text`` as the table, JSON and the logs can hold it: a NUL (which PostgreSQL's
+    text refuses) and lone surrogates (which UTF-8 cannot encode) are written escaped."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _safely(render: Any, value: Any) -> str:
+    """``render(value)``, or a placeholder when the value's own method raises."""
+    try:
+        return str(render(value))
+    except Exception as error:
+        return f"<{render.__name__}() of {type(value).__name__} failed: {type(error).__name__}>"
+
+
+def _args(exc: BaseException) -> tuple[Any, ...]:
+    try:
+        args = exc.args
+        return tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    except Exception:
+        return ()
+
+
+def _finite(number: Any) -> bool:
+    return not isinstance(number, float) or math.isfinite(number)
 
 
 def rebuild(meta: Any) -> BaseException:

@@ -196,3 +196,43 @@ def test_rebuild_does_not_import_modules_named_by_the_row(
         sys.modules.pop(module, None)
     assert isinstance(again, Exception)
     assert not marker.exists()
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr either")
+
+
+class _BadArg:
+    def __repr__(self) -> str:
+        raise ValueError("boom")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("nul \x00 inside"),
+        ValueError("lone \ud800 surrogate"),
+        KeyError("\udcff"),
+        _Unprintable("x"),
+        ValueError(_BadArg(), float("nan"), float("inf")),
+    ],
+    ids=["nul", "surrogate", "keyerror-surrogate", "str-raises", "bad-args"],
+)
+def test_any_exception_is_described_in_text_the_table_and_json_can_hold(exc):
+    try:
+        raise exc
+    except Exception as raised:
+        described = failure.describe(raised)
+        line = failure.summary(raised)
+        text = failure.formatted(raised)
+    for value in (json.dumps(described, allow_nan=False), line, text):
+        assert "\x00" not in value
+        value.encode("utf-8")  # no lone surrogate left
+    assert line.startswith(type(exc).__name__)
+    assert type(exc).__name__ in text
+    rebuilt = failure.rebuild(json.loads(json.dumps(described)))
+    assert type(rebuilt).__name__ == type(exc).__name__
