@@ -70,6 +70,12 @@ class Sender:
         # Queues this sender has published to: only the first send to a queue waits.
         # Written by the thread, read by senders (a stale read makes one more wait).
         self._proven: set[str] = set()
+        # Queues whose waited-for send is not answered yet, and queues whose waited-for
+        # send was not confirmed (a broker in a memory alarm, unreachable): sends to
+        # them do not wait, so a broker that holds one publish costs the callers one
+        # confirm_timeout, not one each. A confirm to the queue ends both.
+        self._probing: set[str] = set()
+        self._unconfirmed: set[str] = set()
         self._closed = False
         # Held by the thread while it publishes or marks; see _pause.
         self._busy = threading.Lock()
@@ -85,7 +91,10 @@ class Sender:
 
         The first message to a queue is waited for (up to ``confirm_timeout``), so that
         a queue RabbitMQ holds with other arguments, or a broker that cannot be reached,
-        is reported to the caller as a publish that waits would report it.
+        is reported to the caller as a publish that waits would report it. While that
+        wait is under way, or after it went unconfirmed, later sends to the queue do not
+        wait: their rows stay ``pending`` until the broker takes them (or the reconciler
+        publishes them).
 
         Raises:
             QueueMismatchError: the queue exists with other arguments; the row is failed.
@@ -95,15 +104,20 @@ class Sender:
         """
         if self._closed:
             raise PublishError("the sender is closed")
-        wait = message.queue not in self._proven
+        target = message.queue
+        wait = not ({target} & (self._proven | self._probing | self._unconfirmed))
         item = _Item(task_id, message, threading.Event() if wait else None)
+        if wait:
+            self._probing.add(target)
         try:
             self._inbox.put_nowait(item)
         except queue.Full:
+            self._probing.discard(target)
             raise PublishError(f"{BACKLOG} messages wait for the broker already") from None
         if item.done is None:
             return
         if not item.done.wait(self.broker.confirm_timeout):
+            self._unconfirmed.add(target)
             raise PublishError(f"not confirmed within {self.broker.confirm_timeout}s")
         if item.error is not None:
             raise item.error
@@ -188,14 +202,22 @@ class Sender:
         confirmed: list[str] = []
         for item, error in zip(items, errors, strict=True):
             item.error = error
+            target = item.message.queue
+            if item.done is not None:
+                self._probing.discard(target)
             if error is None:
                 confirmed.append(item.task_id)
-                self._proven.add(item.message.queue)
-            elif isinstance(error, QueueMismatchError):
+                self._proven.add(target)
+                self._unconfirmed.discard(target)
+            elif not isinstance(error, QueueMismatchError):
+                # A mismatch is answered at once, so its senders keep waiting (and
+                # raising it); anything else may hold every caller for a timeout.
+                self._unconfirmed.add(target)
+            if isinstance(error, QueueMismatchError):
                 self._fail(item.task_id, error)
                 if item.done is None:  # a waiting sender raises it
                     logger.error("job %s failed: %s", item.task_id, error)
-            elif item.done is None:  # a waiting sender reports its own
+            elif error is not None and item.done is None:  # a waiting sender says it
                 stays_pending(item.task_id, error)
             if item.done is not None:
                 item.done.set()
