@@ -18,7 +18,6 @@ import contextlib
 import datetime as dt
 import os
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,41 +40,29 @@ from .rows import (
     job_from_row,
     job_values,
     jobs_from_cursor,
-    json_text,
     log_line,
     named_rows,
     new_row,
-    record_params,
     row_params,
     stamp,
-    turn_params,
     utcnow,
 )
 from .schema import render_postgresql_ddl
 from .statements import (
-    BULK_INSERT_RETURNING,
-    CLAIM,
-    EXECUTE_TURN,
     GET,
-    INSERT_BATCH,
     INSERTS,
     MARK_QUEUED,
     MARK_QUEUED_ANY,
-    PREPARE_TURN,
-    RECORD_BATCH,
     STATUS,
     TRY_SCHEDULER_LOCK,
-    TURN_IS_PREPARED,
-    TURN_NOTIFIED,
-    TURN_TASK_ID,
     append_log,
-    bulk_insert_parts,
     current_attempt,
 )
-from .tables import chords, jobs
+from .tables import jobs
+from .writes import RowWriter
 
-# Names that callers outside the store import from this module; they now live in
-# .rows, .schema and .listener.
+# Besides JobStore, names this module defined before the store was split into modules,
+# re-exported for code that imports them from here (the worker's REVOKE_REQUESTED).
 __all__ = [
     "REVOKE_REQUESTED",
     "Attempt",
@@ -99,9 +86,7 @@ class JobStore:
         self.connections = Connections(url)
         self._schema_ready = False
         self._listeners = threading.local()
-        self._bulk_insert: tuple[str, list[str]] | None = None  # see _bulk_insert_sql
-        #: Driver connections on which the worker's turn statement is prepared.
-        self._turn_prepared: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._writer = RowWriter(self.connections)
 
     # -- connections and schema -------------------------------------------
 
@@ -188,72 +173,11 @@ class JobStore:
         self.ensure_schema()
         if connection is not None:
             with wrap_errors():
-                return self._insert_rows(connection, new_jobs, chord_counters)
+                return self._writer.insert_rows(connection, new_jobs, chord_counters)
         if len(new_jobs) == 1 and not chord_counters and self.is_postgresql:
             return [self._insert_one(new_jobs[0])]
         with self.write() as conn:
-            return self._insert_rows(conn, new_jobs, chord_counters)
-
-    def _insert_rows(
-        self, conn: Connection, new_jobs: Sequence[NewJob], chord_counters: Sequence[ChordCounter]
-    ) -> list[Job]:
-        # JSON goes in as text, so that it is stored the same whichever engine (ours, or
-        # the caller's for a transactional enqueue) sends it.
-        postgres = conn.dialect.name == "postgresql"
-        for counter in chord_counters:
-            conn.execute(
-                chords.insert().values(
-                    group_id=counter.group_id,
-                    remaining=counter.total,
-                    total=counter.total,
-                    body=json_text(counter.body, postgres),
-                    created_at=utcnow(),
-                )
-            )
-        if not new_jobs:
-            return []
-        params = [row_params(job) for job in new_jobs]
-        ids: Sequence[int]
-        if conn.dialect.driver == "psycopg2":
-            ids = self._insert_many(conn, params)
-        else:
-            # SQLAlchemy sends multi-row INSERTs (its "insertmanyvalues", up to 1000
-            # rows a statement) and returns the ids in order.
-            ids = conn.execute(INSERTS[postgres], params).scalars().all()
-        return [new_row(row_id, values) for row_id, values in zip(ids, params, strict=True)]
-
-    def _insert_many(self, conn: Connection, params: list[dict[str, Any]]) -> list[int]:
-        """PostgreSQL through psycopg2 (ours, or the caller's connection): the rows go
-        in ``INSERT … VALUES (…), (…)`` statements of up to :data:`INSERT_BATCH` rows,
-        sent as driver SQL (the row's SQL rendered once, numbered per row) so that the
-        values are bound by the driver, not one by one by SQLAlchemy's statement
-        compiler: measured here, 40 instead of 80 µs of Python per row of a
-        ``group()``. Each new id comes back with its ``task_id``: PostgreSQL does not
-        promise ``RETURNING`` in the order of ``VALUES``."""
-        head, rows = self._bulk_insert_sql()
-        ids: list[int] = []
-        for start in range(0, len(params), INSERT_BATCH):
-            batch = params[start : start + INSERT_BATCH]
-            values = {
-                f"{name}__{number}": value
-                for number, one in enumerate(batch)
-                for name, value in one.items()
-            }
-            returned = conn.exec_driver_sql(
-                f"{head} VALUES {', '.join(rows[: len(batch)])}{BULK_INSERT_RETURNING}",
-                values,
-            )
-            id_of = {row.task_id: row.id for row in returned}
-            ids += [id_of[one["task_id"]] for one in batch]
-        return ids
-
-    def _bulk_insert_sql(self) -> tuple[str, list[str]]:
-        """The one-row INSERT's driver SQL cut into ``INSERT INTO … (columns)`` and the
-        ``(…)`` of each row's values, its parameters numbered ``name__0`` to
-        ``name__999``; made once."""
-        if self._bulk_insert is None:
-            self._bulk_insert = bulk_insert_parts(self.connections.driver_sql(INSERTS[True]))
-        return self._bulk_insert
+            return self._writer.insert_rows(conn, new_jobs, chord_counters)
 
     def _insert_one(self, job: NewJob) -> Job:
         """Write one row on PostgreSQL and return it: the path of every ``.delay()``.
@@ -394,56 +318,11 @@ class JobStore:
         if not attempts and not task_ids:
             return [], {}
         if self.is_postgresql and all(item.then is None for item in attempts):
-            return self._turn(attempts, task_ids, worker)
+            return self._writer.turn(attempts, task_ids, worker)
         with self.write() as conn:
-            answers = self._record_in(conn, attempts)
-            claimed = self._claim_in(conn, task_ids, worker)
+            answers = self._writer.record(conn, attempts)
+            claimed = self._writer.claim(conn, task_ids, worker)
         return answers, claimed
-
-    def _turn(
-        self, attempts: Sequence[Attempt], task_ids: Sequence[str], worker: str
-    ) -> tuple[list[list[Job] | None], dict[str, Job]]:
-        """PostgreSQL, a turn with no follow-up to write (no workflow step): the record
-        and the claim as one statement (:data:`~.statements.TURN`), sent to the driver's cursor in
-        autocommit. One statement is its own transaction, committed (durably) before
-        the reply comes back: one round trip instead of four (BEGIN, record, claim,
-        COMMIT), without SQLAlchemy's execution layer. The two UPDATEs read one snapshot
-        and touch disjoint rows (the record only ``started`` rows, the claim only
-        runnable ones), so neither can undo or hide the other's change.
-
-        The statement is prepared once per connection (``PREPARE``), so the server
-        does not parse and plan it again at every turn: measured, about a third of the
-        database's CPU time for a turn of ten jobs."""
-        params = turn_params(attempts, task_ids, worker, utcnow())
-        with self.connections.driver_cursor() as cursor:
-            driver = cursor.connection
-            try:
-                if driver not in self._turn_prepared:
-                    _prepare_turn(cursor)
-                    self._turn_prepared.add(driver)
-                cursor.execute(EXECUTE_TURN, params)
-                rows = named_rows(cursor)
-            except BaseException:
-                # Whatever failed, look again before the next EXECUTE on it.
-                self._turn_prepared.discard(driver)
-                raise
-        recorded: set[str] = set()
-        claimed: dict[str, Job] = {}
-        for row in rows:
-            task_id = row.pop(TURN_TASK_ID)
-            del row[TURN_NOTIFIED]
-            if row["id"] is None:  # a recorded attempt: its task id, then NULLs
-                recorded.add(task_id)
-            else:  # a claimed job: its task id, then every column of Job, by name
-                claimed[task_id] = Job(**row)
-        return [[] if item.task_id in recorded else None for item in attempts], claimed
-
-    def _claim_in(self, conn: Connection, task_ids: Sequence[str], worker: str) -> dict[str, Job]:
-        if not task_ids:
-            return {}
-        params = {"task_ids": list(task_ids), "worker": worker, "now": utcnow()}
-        rows = [job_from_row(row) for row in conn.execute(CLAIM, params)]
-        return {row.task_id: row for row in rows}
 
     def revoke_expired(self, task_id: str) -> bool:
         """Mark a runnable job whose ``expires_at`` has passed as ``revoked``."""
@@ -489,7 +368,7 @@ class JobStore:
             result = conn.execute(
                 jobs.update().where(current_attempt(job.task_id, job.attempts)).values(**values)
             )
-            return self._follow_up(conn, then) if result.rowcount else None
+            return self._writer.follow_up(conn, then) if result.rowcount else None
 
     def release_unstarted(self, claims: Sequence[tuple[str, int]]) -> int:
         """Undo claims whose jobs never started (a worker's warm shutdown): each row,
@@ -582,95 +461,6 @@ class JobStore:
         answer per attempt, in order. On PostgreSQL the commit also notifies
         ``heretic_done`` with the ids of jobs that ended, which wakes ``.get()``."""
         return self.record_and_claim(attempts, [], "")[0]
-
-    def _record_in(self, conn: Connection, attempts: Sequence[Attempt]) -> list[list[Job] | None]:
-        if not attempts:
-            return []
-        answers: list[list[Job] | None] = []
-        if conn.dialect.name == "postgresql":
-            recorded = self._record_batch(conn, attempts)  # also notifies heretic_done
-            for item in attempts:
-                current = item.task_id in recorded
-                answers.append(self._follow_up(conn, item.then) if current else None)
-        else:
-            for item in attempts:
-                answers.append(self._record_one(conn, item))
-        return answers
-
-    def _record_batch(self, conn: Connection, attempts: Sequence[Attempt]) -> set[str]:
-        """PostgreSQL: record every attempt with one UPDATE over arrays of their values
-        (one statement for the batch, whatever its size), which also notifies
-        ``heretic_done`` of each job that ended; returns the task ids whose attempt was
-        current, and so recorded. The same columns as :meth:`_record_one`."""
-        rows = conn.execute(RECORD_BATCH, record_params(attempts, utcnow()))
-        return {str(row.task_id) for row in rows}
-
-    def _record_one(self, conn: Connection, item: Attempt) -> list[Job] | None:
-        outcome, now = item.outcome, utcnow()
-        values: dict[str, Any] = {
-            "status": outcome.status,
-            "updated_at": now,
-            "attempt_logs": self._append(outcome.log_line),
-            "error": outcome.error,
-            "traceback": outcome.traceback,
-        }
-        if outcome.status != states.IGNORED:  # Ignore stores nothing: progress stays
-            values["result"] = outcome.result
-        if outcome.status == states.RETRYING:
-            values["eta"] = outcome.eta
-        else:
-            values["finished_at"] = now
-        if outcome.max_attempts is not None:
-            values["max_attempts"] = outcome.max_attempts
-        if outcome.payload is not None:
-            values["payload"] = outcome.payload
-        result = conn.execute(
-            jobs.update().where(current_attempt(item.task_id, item.attempt)).values(**values)
-        )
-        return self._follow_up(conn, item.then) if result.rowcount else None
-
-    def _follow_up(self, conn: Connection, then: NextSteps | None) -> list[Job]:
-        """Write what a finished job sends next, inside the transaction that finished it."""
-        if then is None:
-            return []
-        new_jobs, counters = list(then.jobs), list(then.chords)
-        if then.chord_group is not None:
-            more_jobs, more_counters = self._chord_step(conn, then)
-            new_jobs += more_jobs
-            counters += more_counters
-        return self._insert_rows(conn, new_jobs, counters)
-
-    def _chord_step(self, conn: Connection, then: NextSteps) -> tuple[list[NewJob], list[Any]]:
-        """Count a chord header job that ended. The job that takes the counter to zero
-        plans the body with the header's results; the first failed one sets it to -1
-        and fails the body. Row locks (PostgreSQL) or the write lock (SQLite) make
-        exactly one job see each transition."""
-        group_id = then.chord_group
-        if then.chord_succeeded:
-            row = conn.execute(
-                chords.update()
-                .where(chords.c.group_id == group_id, chords.c.remaining > 0)
-                .values(remaining=chords.c.remaining - 1)
-                .returning(chords.c.remaining, chords.c.body)
-            ).first()
-            if row is None or row.remaining != 0 or then.complete_chord is None:
-                return [], []
-            members = conn.execute(
-                sa.select(jobs.c.result, jobs.c.workflow).where(
-                    jobs.c.group_id == group_id, jobs.c.status == states.SUCCEEDED
-                )
-            ).all()
-            ordered = sorted(members, key=lambda m: (m.workflow or {}).get("group_index", 0))
-            return then.complete_chord(row.body, [m.result for m in ordered])
-        row = conn.execute(
-            chords.update()
-            .where(chords.c.group_id == group_id, chords.c.remaining > 0)
-            .values(remaining=-1)
-            .returning(chords.c.body)
-        ).first()
-        if row is None or then.fail_chord is None:
-            return [], []
-        return then.fail_chord(row.body)
 
     def fail_unhandleable(self, task_id: str, error: str) -> bool:
         """Fail a job whose message can never be handled (e.g. its task is unknown)."""
@@ -883,14 +673,3 @@ class JobStore:
 
     def _append(self, line: str) -> Any:
         return append_log(line, self.is_postgresql)
-
-
-def _prepare_turn(cursor: Any) -> None:
-    """Prepare :data:`~.statements.TURN` on the cursor's connection (PostgreSQL), unless
-    it already is: a prepared statement lives as long as the session (like the LISTEN
-    of :class:`DoneListener`, it needs a connection of its own, not one shared per
-    transaction by a pooler)."""
-    cursor.execute(TURN_IS_PREPARED)
-    if cursor.fetchone() is not None:
-        return
-    cursor.execute(PREPARE_TURN)

@@ -92,7 +92,7 @@ INSERTS = {
     for postgres in (True, False)
 }
 
-#: Most rows one multi-row INSERT writes (see JobStore._insert_many).
+#: Most rows one multi-row INSERT writes (see RowWriter._insert_many in writes.py).
 INSERT_BATCH = 1000
 #: A driver parameter in rendered SQL: ``%(name)s``.
 _PARAMETER = re.compile(r"%\((\w+)\)s")
@@ -163,8 +163,9 @@ CLAIM = (
 
 # record_attempts on PostgreSQL: the values of every attempt come as parallel arrays
 # (rows.record_params), so the statement's text (and its plan) is the same for any batch
-# size. Like JobStore._record_one: ``ignored`` keeps the stored result, ``retrying`` sets
-# the eta instead of finished_at, a retry may raise max_attempts or replace the payload.
+# size. Like RowWriter._record_one (writes.py): ``ignored`` keeps the stored result,
+# ``retrying`` sets the eta instead of finished_at, a retry may raise max_attempts or
+# replace the payload.
 # Each job that ended is announced on heretic_done, delivered with the commit (wakes
 # ``.get()``).
 _RECORD_UPDATE = """
@@ -230,7 +231,7 @@ def _turn_columns() -> tuple[str, str]:
 _CLAIMED_COLUMNS, _RECORDED_NULLS = _turn_columns()
 _CLAIMED_RETURNING = ", ".join(column.name for column in jobs.c)
 
-# One turn of a worker on PostgreSQL (JobStore._turn): the record of the attempts that
+# One turn of a worker on PostgreSQL (RowWriter.turn, writes.py): the record of the attempts that
 # ended (_RECORD_UPDATE) and the claim of the messages that arrived (the same test as
 # CLAIM, task ids as an array), in one statement. A row per recorded attempt (its task
 # id, then NULLs) and a row per claimed job (its task id, then the row as Job's fields).
