@@ -1,22 +1,31 @@
-"""The job store: the ``heretic_jobs`` table and every statement run against it."""
+"""The job store: the ``heretic_jobs`` table and every statement run against it.
+
+Inside: :mod:`.tables` (the table definitions), :mod:`.rows` (row types and their
+columns), :mod:`.engine` (connections and driver errors), :mod:`.statements` (the
+statements built ahead of use), :mod:`.schema` (creation, upgrade, DDL), :mod:`.jobstore`
+(the operations), :mod:`.history` (search and operator commands) and :mod:`.beatstore`
+(periodic tasks).
+"""
 
 from __future__ import annotations
 
 from .beatstore import BeatStore, EntrySpec, EntryState, Firing
-from .jobstore import (
+from .jobstore import JobStore
+from .rows import (
+    REVOKE_REQUESTED,
     Attempt,
     AttemptResult,
     Job,
-    JobStore,
     NewJob,
     NextSteps,
     log_line,
-    render_postgresql_ddl,
     utcnow,
 )
-from .tables import SCHEMA_VERSION, jobs
+from .schema import SCHEMA_VERSION, render_postgresql_ddl
+from .tables import jobs
 
 __all__ = [
+    "REVOKE_REQUESTED",
     "SCHEMA_VERSION",
     "Attempt",
     "AttemptResult",

@@ -20,7 +20,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from .jobstore import _INIT_LOCK_KEY, Job, JobStore, NewJob, _to_job, job_values, utcnow
+from .jobstore import JobStore
+from .rows import Job, NewJob, job_from_row, job_values, utcnow
+from .schema import lock_for_init
 from .tables import beat_entries, jobs
 
 # PostgreSQL advisory lock held while a beat decides and writes firings ("hrbt").
@@ -75,9 +77,8 @@ class BeatStore:
         if self._ready:
             return
         self.store.ensure_schema()
-        with self.store._write() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_INIT_LOCK_KEY)))
+        with self.store.write() as conn:
+            lock_for_init(conn)
             beat_entries.create(conn, checkfirst=True)
         self._ready = True
 
@@ -90,7 +91,7 @@ class BeatStore:
         """
         self.ensure_table()
         changes: dict[str, str] = {}
-        with self.store._write() as conn:
+        with self.store.write() as conn:
             self._lock(conn)
             existing = self._states(conn)
             now = utcnow()
@@ -130,7 +131,7 @@ class BeatStore:
         """
         self.ensure_table()
         written: list[Job] = []
-        with self.store._write() as conn:
+        with self.store.write() as conn:
             self._lock(conn)
             current = self._states(conn)
             now = utcnow()
@@ -144,7 +145,7 @@ class BeatStore:
                     .returning(*jobs.c)
                 ).first()
                 if row is not None:
-                    written.append(_to_job(row))
+                    written.append(job_from_row(row))
                 conn.execute(
                     beat_entries.update()
                     .where(beat_entries.c.name == firing.entry)
@@ -161,7 +162,7 @@ class BeatStore:
     def entries(self) -> list[EntryState]:
         """Every entry's row, configured or not, by name."""
         self.ensure_table()
-        with self.store._read() as conn:
+        with self.store.read() as conn:
             return sorted(self._states(conn).values(), key=lambda e: e.name)
 
     @staticmethod

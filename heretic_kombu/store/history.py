@@ -20,7 +20,9 @@ from sqlalchemy.dialects import postgresql
 
 from .. import serialization, states
 from ..search import JobQuery, Page, Where, decode_cursor, encode_cursor
-from .jobstore import Job, JobStore, _stamp, _to_job, utcnow
+from .jobstore import JobStore
+from .rows import Job, job_from_row, stamp, utcnow
+from .statements import append_log
 from .tables import jobs
 
 #: Statuses an operator may send again (``heretic jobs retry``).
@@ -48,8 +50,8 @@ class History:
         """One page of rows matching ``query``, with the cursor of the next page."""
         self.store.ensure_schema()
         column, _ = _order(query.order_by)
-        with self.store._read() as conn:
-            rows = [_to_job(row) for row in conn.execute(self.select(query))]
+        with self.store.read() as conn:
+            rows = [job_from_row(row) for row in conn.execute(self.select(query))]
         cursor = None
         if len(rows) > query.limit:
             rows = rows[: query.limit]
@@ -84,7 +86,7 @@ class History:
         """How many rows match ``query`` (ignoring its limit and cursor)."""
         self.store.ensure_schema()
         statement = sa.select(sa.func.count()).select_from(jobs).where(*self._conditions(query))
-        with self.store._read() as conn:
+        with self.store.read() as conn:
             return int(conn.execute(statement).scalar_one())
 
     def _conditions(self, query: JobQuery) -> list[Any]:
@@ -135,7 +137,8 @@ class History:
         if not task_ids:
             return []
         now = utcnow()
-        with self.store._write() as conn:
+        logged = append_log(f"{stamp(now)} retried by {who}", self.store.is_postgresql)
+        with self.store.write() as conn:
             rows = conn.execute(
                 jobs.update()
                 .where(jobs.c.task_id.in_(list(task_ids)), jobs.c.status.in_(RETRYABLE))
@@ -146,11 +149,11 @@ class History:
                     expires_at=None,
                     finished_at=None,
                     updated_at=now,
-                    attempt_logs=self.store._append(f"{_stamp(now)} retried by {who}"),
+                    attempt_logs=logged,
                 )
                 .returning(*jobs.c)
             ).all()
-        return [_to_job(row) for row in rows]
+        return [job_from_row(row) for row in rows]
 
     def delete(self, query: JobQuery, batch_size: int = 1000) -> int:
         """Delete finished rows matching ``query``, ``batch_size`` rows per transaction so
@@ -164,7 +167,7 @@ class History:
             return 0
         total = 0
         while True:
-            with self.store._write() as conn:
+            with self.store.write() as conn:
                 ids = (
                     sa.select(jobs.c.id)
                     .where(*self._conditions(finished))
@@ -183,7 +186,7 @@ class History:
         since ``since``, and run-time percentiles per task over the newest ``sample``
         finished jobs since ``since``."""
         self.store.ensure_schema()
-        with self.store._read() as conn:
+        with self.store.read() as conn:
             counts = {
                 (task, status): n
                 for task, status, n in conn.execute(
@@ -218,7 +221,7 @@ class History:
     def queue_counts(self) -> dict[str, dict[str, int]]:
         """Unfinished jobs per queue and status (what is waiting where)."""
         self.store.ensure_schema()
-        with self.store._read() as conn:
+        with self.store.read() as conn:
             rows = conn.execute(
                 sa.select(jobs.c.queue_name, jobs.c.status, sa.func.count())
                 .where(jobs.c.status.notin_(list(states.TERMINAL)))
@@ -232,7 +235,7 @@ class History:
     def queue_names(self) -> list[str]:
         """Every queue that has a job in the table, sorted (the dashboard's queue list)."""
         self.store.ensure_schema()
-        with self.store._read() as conn:
+        with self.store.read() as conn:
             names = sa.select(jobs.c.queue_name).distinct().order_by(jobs.c.queue_name)
             return [name for (name,) in conn.execute(names)]
 
@@ -242,7 +245,7 @@ class History:
         registry: an idle worker is not seen."""
         self.store.ensure_schema()
         running = sa.func.sum(sa.case((jobs.c.status == states.STARTED, 1), else_=0))
-        with self.store._read() as conn:
+        with self.store.read() as conn:
             rows = conn.execute(
                 sa.select(jobs.c.worker, sa.func.max(jobs.c.updated_at), running)
                 .where(jobs.c.worker.is_not(None), jobs.c.updated_at >= since)
@@ -255,7 +258,7 @@ class History:
         """Run times in seconds per task of the newest ``sample`` jobs that succeeded or
         failed since ``since`` (the dashboard's run-time histogram)."""
         self.store.ensure_schema()
-        with self.store._read() as conn:
+        with self.store.read() as conn:
             rows = conn.execute(
                 sa.select(jobs.c.task_name, jobs.c.started_at, jobs.c.finished_at)
                 .where(

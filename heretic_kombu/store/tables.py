@@ -183,7 +183,7 @@ schema_version = Table(
 
 # The original heretic kept updated_at current with a trigger; so do we (PostgreSQL).
 updated_at_trigger = (
-    DDL(
+    DDL(  # type: ignore[no-untyped-call]
         "CREATE OR REPLACE FUNCTION heretic_updated_at_timestamp() RETURNS TRIGGER AS $$\n"
         "BEGIN\n"
         "  NEW.updated_at = now();\n"
@@ -191,7 +191,7 @@ updated_at_trigger = (
         "END;\n"
         "$$ LANGUAGE plpgsql"
     ),
-    DDL(
+    DDL(  # type: ignore[no-untyped-call]
         "CREATE TRIGGER update_heretic_jobs_updated_at\n"
         "  BEFORE UPDATE ON heretic_jobs\n"
         "  FOR EACH ROW EXECUTE PROCEDURE heretic_updated_at_timestamp()"
