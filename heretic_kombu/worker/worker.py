@@ -38,23 +38,27 @@ import signal
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import canvas, control, failure, protocol, serialization, signals, states
 from .. import retry as retry_policy
 from ..broker import Delivery, Subscription
 from ..exceptions import EncodeError, MalformedMessage, StoreError, WorkerLostError
-from ..execution import FAILED, IGNORED, LOST, REJECTED, RETRY, SUCCEEDED
+from ..execution import Outcome
 from ..ratelimit import TokenBucket, parse_rate
-from ..store import Attempt, AttemptResult, Job, NewJob, NextSteps, log_line, utcnow
+from ..store import Attempt, AttemptResult, Job, NewJob, NextSteps, utcnow
 from ..store.jobstore import REVOKE_REQUESTED
 from ..task import Context
+from .outcomes import Ending, attempt_result, ignored_result, lost_attempt, rejection
 from .pool import POOLS, Pool
 
 if TYPE_CHECKING:
     from ..app import Heretic
 
 logger = logging.getLogger("heretic_kombu.worker")
+
+_T = TypeVar("_T")
 
 #: Seconds the loop waits on the broker while jobs run before it looks for outcomes:
 #: POLL_MIN after a turn that did something, growing up to POLL_MAX while nothing ends.
@@ -105,7 +109,7 @@ class Worker:
         # The turn whose statement is in flight, and what the next one takes: attempts
         # that ended and messages accepted meanwhile.
         self._turn: _Turn | None = None
-        self._next_finished: list[tuple[Delivery, Job, dict[str, Any]]] = []
+        self._next_finished: list[tuple[Delivery, Job, Ending]] = []
         # Jobs that ended and whose outcome is not committed yet (in _next_finished or in
         # the turn in flight): their leases are still renewed, as for running jobs.
         self._unrecorded: set[str] = set()
@@ -188,7 +192,7 @@ class Worker:
         claiming = len(self._next_batch) + (len(self._turn.batch) if self._turn else 0)
         return self._limit - len(self._running) - claiming
 
-    def _adapt_prefetch(self, finished: list[tuple[Delivery, Job, dict[str, Any]]]) -> None:
+    def _adapt_prefetch(self, finished: list[tuple[Delivery, Job, Ending]]) -> None:
         """Reserve more messages while jobs are short, the configured number otherwise.
 
         Each loop turn costs one commit whatever its size, so short jobs go as fast as
@@ -197,9 +201,8 @@ class Worker:
         run times: ``short_job_prefetch`` below ``SHORT_JOB`` s, ``prefetch`` above
         ``LONG_JOB`` s.
         """
-        for _, _, outcome in finished:
-            runtime = outcome.get("runtime") or 0.0
-            self._runtime += (runtime - self._runtime) * 0.1
+        for _, _, ending in finished:
+            self._runtime += (ending.runtime - self._runtime) * 0.1
         if self._runtime < SHORT_JOB:
             limit = self.short_job_prefetch
         elif self._runtime > LONG_JOB:
@@ -471,7 +474,7 @@ class Worker:
         self._subscription.ack(delivery)  # type: ignore[union-attr]
         return None
 
-    def _ended_here(self) -> list[list[tuple[Delivery, Job, dict[str, Any]]]]:
+    def _ended_here(self) -> list[list[tuple[Delivery, Job, Ending]]]:
         """The lists of attempts that ended here and wait for their turn's commit."""
         return [self._next_finished, self._turn.finished if self._turn else []]
 
@@ -494,9 +497,9 @@ class Worker:
             self._running[task_id] = (delivery, self._running[task_id][1])
             return
         for finished in self._ended_here():
-            for index, (_, job, outcome) in enumerate(finished):
+            for index, (_, job, ending) in enumerate(finished):
                 if job.task_id == task_id:
-                    finished[index] = (delivery, job, outcome)
+                    finished[index] = (delivery, job, ending)
 
     def _recover_lost_attempt(self, delivery: Delivery, row: Job) -> Job | None:
         """The message comes back while its row says ``started``.
@@ -527,11 +530,8 @@ class Worker:
     def _release_lost(self, row: Job, why: str) -> bool:
         """Log the lost attempt of ``row`` and make it due again (or fail it, if it was
         the last allowed one). Returns ``True`` if the job may run again."""
-        line = log_line(utcnow(), row.attempts, row.worker or "?", f"lost: {why}")
-        give_up = then = None
-        if row.attempts >= row.max_attempts:
-            give_up = _lost_result(f"worker {row.worker} lost the last allowed attempt: {why}")
-            then = self._next_steps(row, give_up)
+        line, give_up = lost_attempt(row, why, now=utcnow())
+        then = self._next_steps(row, give_up) if give_up is not None else None
         followups = self._store_call(self.app.store.release_lost_attempt, row, line, give_up, then)
         if followups is not None:
             self._deliver(followups)
@@ -555,14 +555,12 @@ class Worker:
 
     # -- outcomes ------------------------------------------------------------------
 
-    def _take_finished(
-        self, block: float | None = None
-    ) -> list[tuple[Delivery, Job, dict[str, Any]]]:
+    def _take_finished(self, block: float | None = None) -> list[tuple[Delivery, Job, Ending]]:
         """The attempts that ended since the last call (waiting up to ``block`` s for the
         first), but those a runtime control settled (terminated, Reject, Ignore)."""
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 4096)
-        finished: list[tuple[Delivery, Job, dict[str, Any]]] = []
+        finished: list[tuple[Delivery, Job, Ending]] = []
         while True:
             try:
                 task_id, outcome = (
@@ -572,8 +570,9 @@ class Worker:
                 break
             block = None
             delivery, job = self._running.pop(task_id)
-            if not self._settle_control_outcome(delivery, job, outcome):
-                finished.append((delivery, job, outcome))
+            ending = Ending.from_report(outcome)
+            if not self._settle_control_outcome(delivery, job, ending):
+                finished.append((delivery, job, ending))
                 self._unrecorded.add(task_id)
         return finished
 
@@ -598,12 +597,15 @@ class Worker:
 
     def _begin_turn(
         self,
-        finished: list[tuple[Delivery, Job, dict[str, Any]]],
+        finished: list[tuple[Delivery, Job, Ending]],
         batch: list[tuple[Delivery, protocol.TaskMessage]],
     ) -> None:
         """Send the statement that records the ended attempts and claims the accepted
         messages, in one commit; :meth:`_end_turn` follows once it has returned."""
-        results = [self._attempt_result(job, outcome) for _, job, outcome in finished]
+        results = [
+            attempt_result(job, ending, now=utcnow(), worker=self.name)
+            for _, job, ending in finished
+        ]
         attempts = [
             Attempt(job.task_id, job.attempts, result, self._next_steps(job, result))
             for (_, job, _), result in zip(finished, results, strict=True)
@@ -639,7 +641,7 @@ class Worker:
 
     def _after_record(
         self,
-        finished: list[tuple[Delivery, Job, dict[str, Any]]],
+        finished: list[tuple[Delivery, Job, Ending]],
         results: list[AttemptResult],
         answers: list[list[Job] | None],
     ) -> None:
@@ -654,16 +656,17 @@ class Worker:
         # Only now, with the outcomes committed, may the messages go (invariant 2): in
         # one frame on RabbitMQ when their delivery tags allow it.
         self._subscription.ack_many([delivery for delivery, _, _ in finished])  # type: ignore[union-attr]
-        for (_, job, outcome), result, followups in zip(finished, results, answers, strict=True):
+        for (_, job, ending), result, followups in zip(finished, results, answers, strict=True):
             if followups:
                 self._deliver(followups)
-            self._report(job, outcome, result)
+            self._report(job, ending, result)
 
-    def _report(self, job: Job, outcome: dict[str, Any], result: AttemptResult) -> None:
+    def _report(self, job: Job, ending: Ending, result: AttemptResult) -> None:
         """Log a recorded attempt, and fire ``job_failed`` for a failed one."""
-        runtime = outcome.get("runtime") or 0.0
         if result.status == states.SUCCEEDED:
-            logger.info("Task %s[%s] succeeded in %.3fs", job.task_name, job.task_id, runtime)
+            logger.info(
+                "Task %s[%s] succeeded in %.3fs", job.task_name, job.task_id, ending.runtime
+            )
             return
         exc = (
             failure.rebuild(serialization.loads(result.result))
@@ -703,66 +706,6 @@ class Worker:
             self.app.deliver_all(rows)
         except Exception as exc:
             logger.warning("follow-up jobs not published now (%r); the reconciler will", exc)
-
-    def _attempt_result(self, job: Job, outcome: dict[str, Any]) -> AttemptResult:
-        now = utcnow()
-        status = outcome["status"]
-        runtime = outcome.get("runtime") or 0.0
-
-        def line(text: str) -> str:
-            return log_line(now, job.attempts, self.name, text)
-
-        if status == SUCCEEDED:
-            value = outcome.get("result")
-            return AttemptResult(
-                states.SUCCEEDED,
-                line(f"succeeded in {runtime:.3f}s"),
-                result=serialization.RawJSON(value) if value else None,
-            )
-        if status == LOST:
-            if job.attempts < job.max_attempts:
-                return AttemptResult(
-                    states.RETRYING,
-                    line(f"lost: {outcome['error']}; retry now"),
-                    error=f"WorkerLostError: {outcome['error']}",
-                    eta=now,
-                    result=serialization.dumps(failure.describe(WorkerLostError(outcome["error"]))),
-                )
-            return _lost_result(outcome["error"], line(f"lost: {outcome['error']}"))
-        meta = serialization.dumps(outcome["exc"]) if outcome.get("exc") else None
-        if status == RETRY:
-            eta = retry_policy.next_run_at(now, _when(outcome.get("when")))
-            new_max = outcome.get("max_retries")
-            payload = None
-            if outcome.get("args") is not None or outcome.get("kwargs") is not None:
-                payload = serialization.dumps(
-                    {
-                        "args": outcome["args"] if outcome.get("args") is not None else job.args,
-                        "kwargs": outcome["kwargs"]
-                        if outcome.get("kwargs") is not None
-                        else job.kwargs,
-                    }
-                )
-            return AttemptResult(
-                states.RETRYING,
-                line(f"failed: {outcome['error']}; retry at {eta:%Y-%m-%dT%H:%M:%S.%fZ}"),
-                result=meta,
-                error=outcome["error"],
-                traceback=outcome.get("traceback"),
-                eta=eta,
-                max_attempts=retry_policy.max_attempts_for(new_max)
-                if new_max is not None
-                else None,
-                payload=payload,
-            )
-        assert status == FAILED, status
-        return AttemptResult(
-            states.FAILED,
-            line(f"failed: {outcome['error']}"),
-            result=meta,
-            error=outcome["error"],
-            traceback=outcome.get("traceback"),
-        )
 
     # -- runtime controls: revoke, Reject/Ignore, time limits, rate limits -------------
 
@@ -886,9 +829,7 @@ class Worker:
         logger.info("Task %s[%s] revoked before it started: dropped", job.task_name, task_id)
         self._send_revoked(job, delivery, terminated=False, signum=None, expired=False)
 
-    def _settle_control_outcome(
-        self, delivery: Delivery, job: Job, outcome: dict[str, Any]
-    ) -> bool:
+    def _settle_control_outcome(self, delivery: Delivery, job: Job, ending: Ending) -> bool:
         """Record an attempt that a runtime control ended: terminated by revoke, or
         ended by the task raising Reject or Ignore. ``False`` for any other outcome."""
         self._cannot_terminate.discard(job.task_id)
@@ -904,68 +845,47 @@ class Worker:
             )
             self._send_revoked(job, delivery, terminated=True, signum=signum, expired=False)
             return True
-        status = outcome.get("status")
-        if status == IGNORED:
-            line = log_line(utcnow(), job.attempts, self.name, "ignored (the task raised Ignore)")
+        if ending.status == Outcome.IGNORED:
+            ignored = ignored_result(job, now=utcnow(), worker=self.name)
             self._store_call(
-                self.app.store.record_attempt,
-                job.task_id,
-                job.attempts,
-                AttemptResult(states.IGNORED, line),
-                None,
+                self.app.store.record_attempt, job.task_id, job.attempts, ignored, None
             )
             self._subscription.ack(delivery)  # type: ignore[union-attr]
             logger.info("Task %s[%s] ignored", job.task_name, job.task_id)
             return True
-        if status == REJECTED:
-            self._record_rejected(delivery, job, outcome)
+        if ending.status == Outcome.REJECTED:
+            self._record_rejected(delivery, job, ending)
             return True
         return False
 
-    def _record_rejected(self, delivery: Delivery, job: Job, outcome: dict[str, Any]) -> None:
-        """The task raised Reject: requeue the job (while it has attempts left), or fail
-        it and dead-letter its message, as Celery's Reject(requeue=False) does."""
-        now = utcnow()
-        reason = outcome.get("reason") or "rejected"
-        meta = serialization.dumps(outcome["exc"]) if outcome.get("exc") else None
-
-        def line(text: str) -> str:
-            return log_line(now, job.attempts, self.name, text)
-
-        if outcome.get("requeue") and job.attempts < job.max_attempts:
-            requeued = AttemptResult(
-                states.RETRYING,
-                line(f"rejected: {reason}; requeued"),
-                result=meta,
-                error=outcome.get("error"),
-                eta=now,
-            )
+    def _record_rejected(self, delivery: Delivery, job: Job, ending: Ending) -> None:
+        """The task raised Reject: record what :func:`.outcomes.rejection` decides, then
+        let the message go (dead-lettered if the job failed)."""
+        decided = rejection(job, ending, now=utcnow(), worker=self.name)
+        if decided.requeued:
             self._store_call(
-                self.app.store.record_attempt, job.task_id, job.attempts, requeued, None
+                self.app.store.record_attempt, job.task_id, job.attempts, decided.result, None
             )
             self._subscription.ack(delivery)  # type: ignore[union-attr]
             self._next_tick = 0.0  # the scheduler publishes it again with this loop turn
-            logger.info("Task %s[%s] rejected and requeued: %s", job.task_name, job.task_id, reason)
+            logger.info(
+                "Task %s[%s] rejected and requeued: %s", job.task_name, job.task_id, decided.reason
+            )
             return
-        why = "rejected"
-        if outcome.get("requeue"):
-            why = f"rejected with requeue, but all {job.max_attempts} attempt(s) are used"
-        failed = AttemptResult(
-            states.FAILED,
-            line(f"{why}: {reason}; message dead-lettered"),
-            result=meta,
-            error=outcome.get("error"),
-            traceback=outcome.get("traceback"),
-        )
+        failed = decided.result
         then = self._next_steps(job, failed)
         followups = self._store_call(
             self.app.store.record_attempt, job.task_id, job.attempts, failed, then
         )
         # Only now, with the outcome committed, may the message go (invariant 2).
-        self._dead_letter(delivery, f"task {job.task_name} {why}: {reason}", job.task_id)
+        assert decided.dead_letter_reason is not None
+        self._dead_letter(delivery, decided.dead_letter_reason, job.task_id)
         if followups:
             self._deliver(followups)
-        exc = failure.rebuild(serialization.loads(meta)) if meta else WorkerLostError(reason)
+        meta = failed.result
+        exc = (
+            failure.rebuild(serialization.loads(meta)) if meta else WorkerLostError(decided.reason)
+        )
         self.app.emit("job_failed", exc, self._store_call(self.app.store.get, job.task_id) or job)
 
     def _send_revoked(
@@ -1102,7 +1022,7 @@ class Worker:
         turn = self._turn
         return turn is not None and any(message.id == task_id for _, message in turn.batch)
 
-    def _store_call(self, method: Any, *args: Any) -> Any:
+    def _store_call(self, method: Callable[..., _T], *args: Any) -> _T:
         """Call a store method, retrying while the database is unreachable.
 
         Nothing is acked meanwhile, so a worker cut off from its database holds its
@@ -1123,7 +1043,7 @@ class _Turn:
     """A turn whose statement is in flight: the attempts it records (with their
     results) and the accepted messages it claims."""
 
-    finished: list[tuple[Delivery, Job, dict[str, Any]]]
+    finished: list[tuple[Delivery, Job, Ending]]
     batch: list[tuple[Delivery, protocol.TaskMessage]]
     results: list[AttemptResult]
     future: concurrent.futures.Future[Any]
@@ -1175,22 +1095,6 @@ def expand_name(name: str) -> str:
     host = socket.gethostname()
     short, _, domain = host.partition(".")
     return name.replace("%h", host).replace("%n", short).replace("%d", domain)
-
-
-def _lost_result(error: str, line: str | None = None) -> AttemptResult:
-    exc = WorkerLostError(error)
-    return AttemptResult(
-        states.FAILED,
-        line or f"lost: {error}",
-        error=failure.summary(exc),
-        result=serialization.dumps(failure.describe(exc)),
-    )
-
-
-def _when(value: Any) -> float | dt.datetime | None:
-    if isinstance(value, str):
-        return dt.datetime.fromisoformat(value)
-    return value
 
 
 def _workflow_of(message: protocol.TaskMessage) -> serialization.RawJSON | None:
