@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import datetime as dt
 import logging
 import os
@@ -52,6 +51,7 @@ from ..store.jobstore import REVOKE_REQUESTED
 from ..task import Context
 from .outcomes import Ending, attempt_result, ignored_result, lost_attempt, rejection
 from .pool import POOLS, Pool
+from .turns import Accepted, Ended, StatementThread, Turn
 
 if TYPE_CHECKING:
     from ..app import Heretic
@@ -108,13 +108,13 @@ class Worker:
         self._running: dict[str, tuple[Delivery, Job]] = {}
         # The turn whose statement is in flight, and what the next one takes: attempts
         # that ended and messages accepted meanwhile.
-        self._turn: _Turn | None = None
-        self._next_finished: list[tuple[Delivery, Job, Ending]] = []
+        self._turn: Turn | None = None
+        self._next_finished: list[Ended] = []
         # Jobs that ended and whose outcome is not committed yet (in _next_finished or in
         # the turn in flight): their leases are still renewed, as for running jobs.
         self._unrecorded: set[str] = set()
-        self._next_batch: list[tuple[Delivery, protocol.TaskMessage]] = []
-        self._statements = _StatementThread()
+        self._next_batch: list[Accepted] = []
+        self._statements = StatementThread()
         self._stopping = False
         self._next_tick = 0.0
         self._poll = POLL_MIN
@@ -192,7 +192,7 @@ class Worker:
         claiming = len(self._next_batch) + (len(self._turn.batch) if self._turn else 0)
         return self._limit - len(self._running) - claiming
 
-    def _adapt_prefetch(self, finished: list[tuple[Delivery, Job, Ending]]) -> None:
+    def _adapt_prefetch(self, finished: list[Ended]) -> None:
         """Reserve more messages while jobs are short, the configured number otherwise.
 
         Each loop turn costs one commit whatever its size, so short jobs go as fast as
@@ -248,10 +248,10 @@ class Worker:
         self._apply_revocations()
         self.pool.maintain()
 
-    def _accept_inbox(self) -> list[tuple[Delivery, protocol.TaskMessage]]:
+    def _accept_inbox(self) -> list[Accepted]:
         """Take every received message there is room for and check it before its claim."""
         assert self._subscription is not None
-        batch: list[tuple[Delivery, protocol.TaskMessage]] = []
+        batch: list[Accepted] = []
         while self._inbox and self._room() > len(batch) and not self._stopping:
             delivery = self._inbox.popleft()
             if not self._subscription.is_live(delivery):
@@ -335,9 +335,7 @@ class Worker:
             return None
         return delivery, message
 
-    def _start_claimed(
-        self, batch: list[tuple[Delivery, protocol.TaskMessage]], claimed: dict[str, Job]
-    ) -> None:
+    def _start_claimed(self, batch: list[Accepted], claimed: dict[str, Job]) -> None:
         """Start the jobs claimed for a batch of accepted messages; a message with
         nothing to claim goes through :meth:`_unclaimed`."""
         for delivery, message in batch:
@@ -474,7 +472,7 @@ class Worker:
         self._subscription.ack(delivery)  # type: ignore[union-attr]
         return None
 
-    def _ended_here(self) -> list[list[tuple[Delivery, Job, Ending]]]:
+    def _ended_here(self) -> list[list[Ended]]:
         """The lists of attempts that ended here and wait for their turn's commit."""
         return [self._next_finished, self._turn.finished if self._turn else []]
 
@@ -555,12 +553,12 @@ class Worker:
 
     # -- outcomes ------------------------------------------------------------------
 
-    def _take_finished(self, block: float | None = None) -> list[tuple[Delivery, Job, Ending]]:
+    def _take_finished(self, block: float | None = None) -> list[Ended]:
         """The attempts that ended since the last call (waiting up to ``block`` s for the
         first), but those a runtime control settled (terminated, Reject, Ignore)."""
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 4096)
-        finished: list[tuple[Delivery, Job, Ending]] = []
+        finished: list[Ended] = []
         while True:
             try:
                 task_id, outcome = (
@@ -597,8 +595,8 @@ class Worker:
 
     def _begin_turn(
         self,
-        finished: list[tuple[Delivery, Job, Ending]],
-        batch: list[tuple[Delivery, protocol.TaskMessage]],
+        finished: list[Ended],
+        batch: list[Accepted],
     ) -> None:
         """Send the statement that records the ended attempts and claims the accepted
         messages, in one commit; :meth:`_end_turn` follows once it has returned."""
@@ -616,8 +614,8 @@ class Worker:
             future = self._statements.submit(*call)
             future.add_done_callback(self._wake)
         else:  # no job runs meanwhile: the loop would only wait (a lone job's latency)
-            future = _StatementThread.call_here(*call)
-        self._turn = _Turn(finished, batch, results, future)
+            future = StatementThread.call_here(*call)
+        self._turn = Turn(finished, batch, results, future)
         self._adapt_prefetch(finished)
         self._active_at = time.monotonic()
 
@@ -641,7 +639,7 @@ class Worker:
 
     def _after_record(
         self,
-        finished: list[tuple[Delivery, Job, Ending]],
+        finished: list[Ended],
         results: list[AttemptResult],
         answers: list[list[Job] | None],
     ) -> None:
@@ -1036,58 +1034,6 @@ class Worker:
                 logger.error("database unavailable (%s); retrying in %.1fs", exc, pause)
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
-
-
-@dataclasses.dataclass
-class _Turn:
-    """A turn whose statement is in flight: the attempts it records (with their
-    results) and the accepted messages it claims."""
-
-    finished: list[tuple[Delivery, Job, Ending]]
-    batch: list[tuple[Delivery, protocol.TaskMessage]]
-    results: list[AttemptResult]
-    future: concurrent.futures.Future[Any]
-
-
-class _StatementThread:
-    """Runs the worker's turn statements, one at a time, on a daemon thread of its own
-    (a statement stuck waiting for the database must not keep a stopping process up)."""
-
-    def __init__(self) -> None:
-        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, fn: Any, *args: Any) -> concurrent.futures.Future[Any]:
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        if self._thread is None:  # started on first use: after the pool's fork
-            self._thread = threading.Thread(target=self._run, name="heretic-turn", daemon=True)
-            self._thread.start()
-        self._calls.put((future, fn, args))
-        return future
-
-    @staticmethod
-    def call_here(fn: Any, *args: Any) -> concurrent.futures.Future[Any]:
-        """Run ``fn`` on the calling thread; its outcome as a done future."""
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        try:
-            future.set_result(fn(*args))
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._calls.put(None)
-
-    def _run(self) -> None:
-        while (call := self._calls.get()) is not None:
-            future, fn, args = call
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:
-                future.set_exception(exc)
 
 
 def expand_name(name: str) -> str:
