@@ -40,15 +40,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .. import canvas, control, failure, protocol, serialization, signals, states
+from .. import canvas, failure, protocol, serialization, signals, states
 from .. import retry as retry_policy
 from ..broker import Delivery, Subscription
 from ..exceptions import EncodeError, MalformedMessage, StoreError, WorkerLostError
 from ..execution import Outcome
-from ..ratelimit import TokenBucket, parse_rate
 from ..store import Attempt, AttemptResult, Job, NewJob, NextSteps, utcnow
-from ..store.jobstore import REVOKE_REQUESTED
-from ..task import Context
+from .gates import RateLimits, Revocations, TimeLimits, send_revoked
 from .outcomes import Ending, attempt_result, ignored_result, lost_attempt, rejection
 from .pool import POOLS, Pool
 from .turns import Accepted, Ended, StatementThread, Turn
@@ -128,17 +126,9 @@ class Worker:
         self._wake_lock = threading.Lock()
         self._wake_closed = False
         self._subscription: Subscription | None = None
-        # revoke(terminate=True): (task id, row error) seen by the heartbeat thread, and
-        # the signal sent to each job being terminated.
-        self._revocations: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
-        self._terminating: dict[str, int] = {}
-        self._cannot_terminate: set[str] = set()
-        # rate_limit: a token bucket per task, messages held for a token, and the held
-        # messages released with their token already taken.
-        self._buckets: dict[str, TokenBucket | None] = {}
-        self._held: dict[str, collections.deque[Delivery]] = {}
-        self._granted: dict[int, Delivery] = {}
-        self._no_limit_warned: set[str] = set()
+        self._revocations = Revocations(app, self.pool)
+        self._rate_limits = RateLimits(app)
+        self._time_limits = TimeLimits(app, self.pool)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -231,7 +221,9 @@ class Worker:
             # While jobs run, come back soon to record their outcomes (the broker's socket
             # cannot wake us for them); when idle, sleep until the scheduler's next tick
             # unless a message arrives.
-            idle = max(0.002, min(1.0, self._next_tick - time.monotonic(), self._held_wait()))
+            idle = max(
+                0.002, min(1.0, self._next_tick - time.monotonic(), self._rate_limits.wait())
+            )
             if (self._running or self._turn) and not self._subscription.can_wake:
                 idle = self._poll
             self._subscription.drain(idle, wake=self._wake_r)
@@ -317,7 +309,7 @@ class Worker:
     def _accept(self, delivery: Delivery) -> tuple[Delivery, protocol.TaskMessage] | None:
         """Check a delivery before its claim; ``None`` if it was dealt with here (held by
         its rate limit, dead-lettered, or a Celery client's job scheduled for later)."""
-        if not self._take_token(delivery):
+        if not self._rate_limits.admit(delivery):
             return None  # rate limited: held, unclaimed, until its task's bucket has a token
         try:
             message = protocol.decode(
@@ -372,7 +364,7 @@ class Worker:
             "hostname": self.name,
             "queue": delivery.queue,
         }
-        call["time_limit"], call["soft_time_limit"] = self._time_limits(job)
+        call["time_limit"], call["soft_time_limit"] = self._time_limits.of(job)
         task_id = job.task_id
 
         def on_done(outcome: dict[str, Any]) -> None:
@@ -707,115 +699,17 @@ class Worker:
 
     # -- runtime controls: revoke, Reject/Ignore, time limits, rate limits -------------
 
-    def _time_limits(self, job: Job) -> tuple[float | None, float | None]:
-        """The (hard, soft) time limits of a job: the call's own (``apply_async(
-        time_limit=...)``, or a Celery client's ``timelimit`` header), else the task's,
-        else the ``time_limit``/``soft_time_limit`` settings (task_time_limit...)."""
-        task_name = job.task_name
-        task = self.app.tasks.get(task_name)
-        settings = self.app.settings
-        per_call = (job.workflow or {}).get("timelimit") or [None, None]
-        hard = task.time_limit if task is not None and task.time_limit is not None else None
-        soft = task.soft_time_limit if task is not None else None
-        hard = per_call[0] if per_call[0] is not None else hard
-        soft = per_call[1] if per_call[1] is not None else soft
-        hard = hard if hard is not None else settings.time_limit
-        soft = soft if soft is not None else settings.soft_time_limit
-        if hard and not self.pool.enforces_time_limits and task_name not in self._no_limit_warned:
-            self._no_limit_warned.add(task_name)
-            logger.warning(
-                "Task %s has a hard time limit (%ss) that the %s pool cannot enforce:"
-                " hard time limits need the prefork pool",
-                task_name,
-                hard,
-                type(self.pool).__name__,
-            )
-        return (float(hard) if hard else None, float(soft) if soft else None)
-
-    def _bucket(self, task_name: str) -> TokenBucket | None:
-        """The token bucket of a rate-limited task (``rate_limit``), made on first use."""
-        if task_name not in self._buckets:
-            task = self.app.tasks.get(task_name)
-            limit = task.rate_limit if task is not None else None
-            if limit is None:
-                limit = self.app.settings.default_rate_limit or None
-            try:
-                rate = parse_rate(limit)
-            except ValueError as exc:
-                logger.error("Task %s: %s; running it without a rate limit", task_name, exc)
-                rate = None
-            self._buckets[task_name] = TokenBucket(rate) if rate else None
-        return self._buckets[task_name]
-
-    def _take_token(self, delivery: Delivery) -> bool:
-        """``True`` if the delivery may be handled now; else it is held (not claimed,
-        not acked) behind its task's earlier held messages until a token is free."""
-        granted = self._granted.pop(id(delivery), None)
-        if granted is delivery:
-            return True
-        name = (delivery.headers or {}).get("task")
-        if not isinstance(name, str):
-            return True  # malformed: _handle dead-letters it
-        bucket = self._bucket(name)
-        if bucket is None:
-            return True
-        if not self._held.get(name) and bucket.can_consume():
-            return True
-        self._held.setdefault(name, collections.deque()).append(delivery)
-        return False
-
     def _release_held(self) -> None:
         """Put held messages whose task has a token again at the front of the inbox,
         no more than there are free slots (a token is taken when a job can start)."""
-        if not self._held:
+        if not self._rate_limits.holding:
             return
-        free = self._room()
-        released: list[Delivery] = []
-        for name, held in list(self._held.items()):
-            bucket = self._buckets.get(name)
-            while held and free > 0 and bucket is not None and bucket.can_consume():
-                delivery = held.popleft()
-                self._granted[id(delivery)] = delivery
-                released.append(delivery)
-                free -= 1
-            if not held:
-                del self._held[name]
-        for delivery in reversed(released):
+        for delivery in reversed(self._rate_limits.release(self._room())):
             self._inbox.appendleft(delivery)
 
-    def _held_wait(self) -> float:
-        """Seconds until a held message's task has a token again (1.0 if none is held)."""
-        waits = [
-            bucket.expected_time()
-            for name in self._held
-            if (bucket := self._buckets.get(name)) is not None
-        ]
-        return min(waits, default=1.0)
-
     def _apply_revocations(self) -> None:
-        """Act on the revocations the heartbeat found among the jobs claimed here: one
-        that has not started yet is dropped; a running one is terminated if revoked with
-        ``terminate=True``, else left to finish."""
-        while True:
-            try:
-                task_id, error = self._revocations.get_nowait()
-            except queue.Empty:
-                return
-            signum = control.terminate_signal(error)
-            if task_id not in self._running or task_id in self._terminating:
-                continue
-            if self.pool.take_unstarted(task_id):
-                self._drop_unstarted(task_id, signum)
-                continue
-            if signum is not None and self.pool.terminate_job(task_id, signum):
-                self._terminating[task_id] = signum
-                job = self._running[task_id][1]
-                logger.warning(
-                    "Task %s[%s] revoked with terminate=True: %s sent to its process",
-                    job.task_name,
-                    job.task_id,
-                    signal.Signals(signum).name,
-                )
+        """Act on the revocations the heartbeat found among the jobs claimed here."""
+        self._revocations.apply(self._running, self._drop_unstarted)
 
     def _drop_unstarted(self, task_id: str, signum: int | None) -> None:
         """A job revoked while it waited here for a slot never runs: its row says
@@ -830,8 +724,7 @@ class Worker:
     def _settle_control_outcome(self, delivery: Delivery, job: Job, ending: Ending) -> bool:
         """Record an attempt that a runtime control ended: terminated by revoke, or
         ended by the task raising Reject or Ignore. ``False`` for any other outcome."""
-        self._cannot_terminate.discard(job.task_id)
-        signum = self._terminating.pop(job.task_id, None)
+        signum = self._revocations.ended(job.task_id)
         if signum is not None:
             # The row already says revoked ("terminated (SIG...)"), with its log line.
             self._subscription.ack(delivery)  # type: ignore[union-attr]
@@ -887,33 +780,16 @@ class Worker:
         self.app.emit("job_failed", exc, self._store_call(self.app.store.get, job.task_id) or job)
 
     def _send_revoked(
-        self,
-        job: Job,
-        delivery: Delivery,
-        *,
-        terminated: bool,
-        signum: int | None,
-        expired: bool,
+        self, job: Job, delivery: Delivery, *, terminated: bool, signum: int | None, expired: bool
     ) -> None:
-        """Celery's ``task_revoked`` signal, sent in the worker as Celery sends it."""
-        task = self.app.tasks.get(job.task_name)
-        if task is None:
-            return
-        request = Context(
-            id=job.task_id,
-            task=job.task_name,
-            args=job.args,
-            kwargs=job.kwargs,
-            retries=max(job.attempts - 1, 0),
-            root_id=job.root_id,
-            parent_id=job.parent_id,
-            group=job.group_id,
+        send_revoked(
+            self.app,
+            job,
+            delivery,
             hostname=self.name,
-            delivery_info={"routing_key": delivery.queue, "exchange": delivery.queue},
-            called_directly=False,
-        )
-        signals.task_revoked.send(
-            sender=task, request=request, terminated=terminated, signum=signum, expired=expired
+            terminated=terminated,
+            signum=signum,
+            expired=expired,
         )
 
     # -- scheduler -------------------------------------------------------------------
@@ -972,23 +848,7 @@ class Worker:
             try:
                 running = list(self._running)
                 self.app.store.heartbeat(running + list(self._unrecorded))
-                # Jobs revoked with terminate=True while running here: the main loop
-                # terminates them (a beat is how soon revoke(terminate=True) acts).
-                for task_id, error in self.app.store.revoked_among(running).items():
-                    if control.terminate_signal(error) is None:
-                        if error == REVOKE_REQUESTED:  # dropped if it has not started
-                            self._revocations.put((task_id, error))
-                        continue  # revoked some other way: its outcome will not be recorded
-                    self._revocations.put((task_id, error))
-                    if not self.pool.can_terminate and task_id not in self._cannot_terminate:
-                        self._cannot_terminate.add(task_id)
-                        logger.warning(
-                            "Task %s revoked with terminate=True, but the %s pool cannot"
-                            " terminate a running job: it runs to its end (its outcome is"
-                            " not recorded: the row says revoked)",
-                            task_id,
-                            type(self.pool).__name__,
-                        )
+                self._revocations.look(running)
             except Exception as exc:  # the next beat tries again; a lease has slack
                 logger.warning("heartbeat failed (%r)", exc)
 
