@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import datetime as dt
 import logging
 import os
 import queue
@@ -50,6 +49,7 @@ from .gates import RateLimits, Revocations, TimeLimits, send_revoked
 from .outcomes import Ending, attempt_result, ignored_result, lost_attempt, rejection
 from .pool import POOLS, Pool
 from .turns import Accepted, Ended, StatementThread, Turn
+from .upkeep import Upkeep
 
 if TYPE_CHECKING:
     from ..app import Heretic
@@ -94,13 +94,6 @@ class Worker:
         self._limit = self.prefetch
         self._runtime = SHORT_JOB  # moving average of job run times, in seconds
         self.name = expand_name(name or settings.effective_worker_name)
-        self.scheduler_interval = settings.scheduler_interval
-        self.heartbeat_interval = settings.heartbeat_interval
-        self.lease_timeout = dt.timedelta(seconds=settings.lease_timeout)
-        self.pending_timeout = dt.timedelta(seconds=settings.pending_timeout)
-        self._next_prune = time.monotonic() + min(60.0, settings.prune_interval)
-        self._next_reconcile = 0.0
-        self._heartbeat_stop = threading.Event()
         self._inbox: collections.deque[Delivery] = collections.deque()
         self._done: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
         self._running: dict[str, tuple[Delivery, Job]] = {}
@@ -114,7 +107,6 @@ class Worker:
         self._next_batch: list[Accepted] = []
         self._statements = StatementThread()
         self._stopping = False
-        self._next_tick = 0.0
         self._poll = POLL_MIN
         self._active_at = 0.0  # when the loop last recorded or claimed something
         # A job ending writes a byte here, which wakes the loop waiting on the broker.
@@ -129,6 +121,14 @@ class Worker:
         self._revocations = Revocations(app, self.pool)
         self._rate_limits = RateLimits(app)
         self._time_limits = TimeLimits(app, self.pool)
+        self._upkeep = Upkeep(
+            app,
+            running=lambda: list(self._running),
+            unrecorded=lambda: list(self._unrecorded),
+            holds=self._holds,
+            release_lost=self._release_lost,
+            revocations=self._revocations,
+        )
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -136,9 +136,7 @@ class Worker:
         """Work until SIGTERM/SIGINT; return the exit status (0 after a warm shutdown)."""
         self._install_signals()
         self.pool.start()  # fork before opening connections the children must not share
-        heartbeat = threading.Thread(
-            target=self._heartbeat_loop, name="heretic-heartbeat", daemon=True
-        )
+        heartbeat = self._upkeep.heartbeat_thread()
         try:
             self.app.store.ensure_schema()
             self._subscription = self.app.broker.subscribe(
@@ -160,7 +158,7 @@ class Worker:
         finally:
             # Also on a failed start: children ignore SIGTERM, so an exiting worker that
             # left them to multiprocessing's atexit hook would wait for them forever.
-            self._heartbeat_stop.set()
+            self._upkeep.stop()
             self._statements.stop()
             if self._subscription is not None:  # it had started
                 signals.worker_shutdown.send(sender=self)
@@ -222,7 +220,7 @@ class Worker:
             # cannot wake us for them); when idle, sleep until the scheduler's next tick
             # unless a message arrives.
             idle = max(
-                0.002, min(1.0, self._next_tick - time.monotonic(), self._rate_limits.wait())
+                0.002, min(1.0, self._upkeep.next_tick - time.monotonic(), self._rate_limits.wait())
             )
             if (self._running or self._turn) and not self._subscription.can_wake:
                 idle = self._poll
@@ -236,7 +234,7 @@ class Worker:
         # Jobs that have run long are checked less often: a tenth of the quiet time
         # (an outcome waits at most ~10% longer than its job ran), within the bounds.
         self._poll = min(POLL_MAX, max(POLL_MIN, (now - self._active_at) / 10))
-        self._tick()
+        self._upkeep.tick()
         self._apply_revocations()
         self.pool.maintain()
 
@@ -498,7 +496,7 @@ class Worker:
         a worker that still renews it is running the job, so this copy is acked (if
         that worker dies later, the reconciler finds the expired lease).
         """
-        if row.updated_at > utcnow() - self.lease_timeout:
+        if row.updated_at > utcnow() - self._upkeep.lease_timeout:
             logger.info(
                 "Task %s[%s] redelivered but still running on %s (lease renewed %s);"
                 " duplicate acked",
@@ -672,7 +670,7 @@ class Worker:
         )
         self.app.emit("job_failed", exc, self._store_call(self.app.store.get, job.task_id) or job)
         if result.status == states.RETRYING and result.eta is not None and result.eta <= utcnow():
-            self._next_tick = 0.0  # publish the immediate retry now, not at the next tick
+            self._upkeep.publish_soon()  # the immediate retry now, not at the next tick
 
     def _next_steps(self, job: Job, result: AttemptResult) -> NextSteps | None:
         """Plan what the job's workflow sends next (callbacks, chain, chord, errbacks)."""
@@ -758,7 +756,7 @@ class Worker:
                 self.app.store.record_attempt, job.task_id, job.attempts, decided.result, None
             )
             self._subscription.ack(delivery)  # type: ignore[union-attr]
-            self._next_tick = 0.0  # the scheduler publishes it again with this loop turn
+            self._upkeep.publish_soon()  # the scheduler publishes it again with this turn
             logger.info(
                 "Task %s[%s] rejected and requeued: %s", job.task_name, job.task_id, decided.reason
             )
@@ -791,84 +789,6 @@ class Worker:
             signum=signum,
             expired=expired,
         )
-
-    # -- scheduler -------------------------------------------------------------------
-
-    def _tick(self) -> None:
-        if time.monotonic() >= self._next_reconcile:
-            self._next_reconcile = time.monotonic() + self.heartbeat_interval
-            self._reconcile()
-        if time.monotonic() >= self._next_prune:
-            self._prune()
-        if time.monotonic() < self._next_tick:
-            return
-        self._next_tick = time.monotonic() + self.scheduler_interval
-        try:
-            count, errors = self.app.store.publish_due(self.app.publish_jobs)
-        except Exception as exc:  # broker or database down: try again next tick
-            logger.warning("scheduler: publishing due jobs failed (%r)", exc)
-            return
-        if count:
-            logger.info("scheduler: published %d due job(s)", count)
-        if errors:
-            logger.warning(
-                "scheduler: %d due job(s) not published, tried again next time (%r)",
-                len(errors),
-                errors[0],
-            )
-
-    def _prune(self) -> None:
-        """Retention: delete finished jobs older than ``prune_older_than`` (if set), a
-        batch per transaction, like ``heretic prune``."""
-        settings = self.app.settings
-        self._next_prune = time.monotonic() + settings.prune_interval
-        if not settings.prune_older_than:
-            return
-        try:
-            deleted = self.app.jobs.prune(
-                settings.prune_older_than, status=settings.prune_status_list
-            )
-        except Exception as exc:  # database down: the next round tries again
-            logger.warning("pruning failed (%r)", exc)
-            return
-        if deleted:
-            logger.info(
-                "pruned %d %s job(s) older than %s",
-                deleted,
-                "/".join(settings.prune_status_list),
-                settings.prune_older_than,
-            )
-
-    # -- leases and the reconciler -----------------------------------------------------
-
-    def _heartbeat_loop(self) -> None:
-        """Renew the lease of every running job, from a thread of its own so that a long
-        job in the solo pool (which blocks the main loop) still keeps its lease."""
-        while not self._heartbeat_stop.wait(self.heartbeat_interval):
-            try:
-                running = list(self._running)
-                self.app.store.heartbeat(running + list(self._unrecorded))
-                self._revocations.look(running)
-            except Exception as exc:  # the next beat tries again; a lease has slack
-                logger.warning("heartbeat failed (%r)", exc)
-
-    def _reconcile(self) -> None:
-        """Retry jobs whose worker stopped renewing their lease, and republish rows left
-        ``pending`` by a producer whose publish failed or who died after the commit."""
-        store = self.app.store
-        try:
-            now = utcnow()
-            for row in store.find_lost(now - self.lease_timeout):
-                if not self._holds(row.task_id):
-                    self._release_lost(row, f"no heartbeat since {row.updated_at:%H:%M:%S}")
-                    self._next_tick = 0.0  # publish it with this loop turn's scheduler
-            requeued = store.requeue_stale_pending(now - self.pending_timeout)
-        except Exception as exc:  # database down: the next turn tries again
-            logger.warning("reconciler: %r", exc)
-            return
-        if requeued:
-            logger.warning("reconciler: %d job(s) left pending will be published", requeued)
-            self._next_tick = 0.0
 
     # -- database errors ---------------------------------------------------------
 
