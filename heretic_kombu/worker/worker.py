@@ -36,18 +36,17 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from .. import canvas, failure, protocol, serialization, signals, states
+from .. import canvas, protocol, serialization, signals, states
 from .. import retry as retry_policy
 from ..broker import Delivery, Subscription
-from ..exceptions import EncodeError, MalformedMessage, StoreError, WorkerLostError
-from ..execution import Outcome
-from ..store import Attempt, AttemptResult, Job, NewJob, NextSteps, utcnow
-from .gates import RateLimits, Revocations, TimeLimits, send_revoked
-from .outcomes import Ending, attempt_result, ignored_result, lost_attempt, rejection
+from ..exceptions import EncodeError, MalformedMessage
+from ..store import Attempt, Job, NewJob, utcnow
+from .gates import RateLimits, Revocations, TimeLimits
+from .outcomes import Ending, attempt_result
 from .pool import POOLS, Pool
+from .settlement import Settlement, header_id, store_call
 from .turns import Accepted, Ended, StatementThread, Turn
 from .upkeep import Upkeep
 
@@ -55,8 +54,6 @@ if TYPE_CHECKING:
     from ..app import Heretic
 
 logger = logging.getLogger("heretic_kombu.worker")
-
-_T = TypeVar("_T")
 
 #: Seconds the loop waits on the broker while jobs run before it looks for outcomes:
 #: POLL_MIN after a turn that did something, growing up to POLL_MAX while nothing ends.
@@ -121,12 +118,15 @@ class Worker:
         self._revocations = Revocations(app, self.pool)
         self._rate_limits = RateLimits(app)
         self._time_limits = TimeLimits(app, self.pool)
+        self._settle = Settlement(
+            app, self.name, self._revocations, lambda: self._upkeep.publish_soon()
+        )
         self._upkeep = Upkeep(
             app,
             running=lambda: list(self._running),
             unrecorded=lambda: list(self._unrecorded),
             holds=self._holds,
-            release_lost=self._release_lost,
+            release_lost=self._settle.release_lost,
             revocations=self._revocations,
         )
 
@@ -142,6 +142,7 @@ class Worker:
             self._subscription = self.app.broker.subscribe(
                 self.queues, self._inbox.append, self._limit
             )
+            self._settle.attach(self._subscription)
             logger.info(
                 "%s ready: queues %s, %s pool x%d, prefetch %d",
                 self.name,
@@ -251,7 +252,7 @@ class Worker:
             try:
                 accepted = self._accept(delivery)
             except Exception as exc:
-                self._internal_error(delivery, exc)
+                self._settle.internal_error(delivery, exc)
                 continue
             if accepted is not None:
                 batch.append(accepted)
@@ -314,12 +315,12 @@ class Worker:
                 delivery.body, delivery.content_type, delivery.headers, delivery.priority
             )
         except MalformedMessage as exc:
-            self._dead_letter(delivery, str(exc), _header_id(delivery))
+            self._settle.dead_letter(delivery, str(exc), header_id(delivery))
             return None
         if message.task not in self.app.tasks:
             reason = f"unknown task {message.task!r}: not registered in this worker"
-            self._store_call(self.app.store.fail_unhandleable, message.id, reason)
-            self._dead_letter(delivery, reason, message.id)
+            store_call(self.app.store.fail_unhandleable, message.id, reason)
+            self._settle.dead_letter(delivery, reason, message.id)
             return None
         if message.job_id is None and not self._adopt(delivery, message):
             return None
@@ -335,12 +336,7 @@ class Worker:
                 if job is not None:
                     self._start(delivery, job)
             except Exception as exc:
-                self._internal_error(delivery, exc)
-
-    def _internal_error(self, delivery: Delivery, exc: Exception) -> None:
-        # A bug of ours must not crash every worker the message is redelivered to.
-        logger.exception("unexpected error handling a message")
-        self._dead_letter(delivery, f"internal error: {exc!r}", _header_id(delivery))
+                self._settle.internal_error(delivery, exc)
 
     def _start(self, delivery: Delivery, job: Job) -> None:
         """Hand a claimed job to a pool slot."""
@@ -384,7 +380,7 @@ class Worker:
         try:
             payload = serialization.dumps({"args": message.args, "kwargs": message.kwargs})
         except EncodeError as exc:  # e.g. NaN or NUL, which Celery's JSON lets through
-            self._dead_letter(delivery, f"arguments cannot be stored: {exc}", message.id)
+            self._settle.dead_letter(delivery, f"arguments cannot be stored: {exc}", message.id)
             return False
         row = NewJob(
             task_id=message.id,
@@ -402,7 +398,7 @@ class Worker:
             attempts=message.retries,
             workflow=_workflow_of(message),
         )
-        self._store_call(self.app.store.insert_if_missing, row)
+        store_call(self.app.store.insert_if_missing, row)
         if later:
             # The eta waits in the table, not as an unacked message (invariant 7).
             self._subscription.ack(delivery)  # type: ignore[union-attr]
@@ -414,9 +410,9 @@ class Worker:
         """A message whose job could not be claimed: missing row (dead letter), a copy of a
         job running here, a lost attempt to recover, or nothing to do (acked)."""
         store = self.app.store
-        row = self._store_call(store.get, message.id)
+        row = store_call(store.get, message.id)
         if row is None:
-            self._dead_letter(
+            self._settle.dead_letter(
                 delivery,
                 f"job row {message.job_id} for task id {message.id} does not exist",
                 message.id,
@@ -445,9 +441,9 @@ class Worker:
             return None
         if row.status == states.STARTED and delivery.redelivered:
             return self._recover_lost_attempt(delivery, row)
-        if self._store_call(store.revoke_expired, message.id):
+        if store_call(store.revoke_expired, message.id):
             logger.info("Task %s[%s] expired before it ran: revoked", row.task_name, row.task_id)
-            self._send_revoked(row, delivery, terminated=False, signum=None, expired=True)
+            self._settle.send_revoked(row, delivery, terminated=False, signum=None, expired=True)
         else:
             logger.info(
                 "Task %s[%s]: message dropped, nothing to claim (status %s%s)",
@@ -458,7 +454,9 @@ class Worker:
             )
             if row.status == states.REVOKED:  # Celery: "Discarding revoked task"
                 expired = row.error == "expired"
-                self._send_revoked(row, delivery, terminated=False, signum=None, expired=expired)
+                self._settle.send_revoked(
+                    row, delivery, terminated=False, signum=None, expired=expired
+                )
         self._subscription.ack(delivery)  # type: ignore[union-attr]
         return None
 
@@ -507,39 +505,13 @@ class Worker:
             )
             self._subscription.ack(delivery)  # type: ignore[union-attr]
             return None
-        released = self._release_lost(row, "the worker died mid-job")
+        released = self._settle.release_lost(row, "the worker died mid-job")
         if released:
-            job = self._store_call(self.app.store.claim, row.task_id, self.name)
+            job = store_call(self.app.store.claim, row.task_id, self.name)
             if job is not None:
                 return job
         self._subscription.ack(delivery)  # type: ignore[union-attr]
         return None
-
-    def _release_lost(self, row: Job, why: str) -> bool:
-        """Log the lost attempt of ``row`` and make it due again (or fail it, if it was
-        the last allowed one). Returns ``True`` if the job may run again."""
-        line, give_up = lost_attempt(row, why, now=utcnow())
-        then = self._next_steps(row, give_up) if give_up is not None else None
-        followups = self._store_call(self.app.store.release_lost_attempt, row, line, give_up, then)
-        if followups is not None:
-            self._deliver(followups)
-            logger.warning(
-                "Task %s[%s] attempt %d was lost with worker %s: %s",
-                row.task_name,
-                row.task_id,
-                row.attempts,
-                row.worker,
-                why,
-            )
-        return give_up is None
-
-    def _dead_letter(self, delivery: Delivery, reason: str, task_id: str | None) -> None:
-        logger.error("message dead-lettered to %s.dead: %s", delivery.queue, reason)
-        assert self._subscription is not None
-        self._subscription.dead_letter(delivery, reason)
-        error = MalformedMessage(reason)
-        error.reason, error.queue, error.task_id = reason, delivery.queue, task_id  # type: ignore[attr-defined]
-        self.app.emit("job_error", error)
 
     # -- outcomes ------------------------------------------------------------------
 
@@ -559,7 +531,7 @@ class Worker:
             block = None
             delivery, job = self._running.pop(task_id)
             ending = Ending.from_report(outcome)
-            if not self._settle_control_outcome(delivery, job, ending):
+            if not self._settle.control_outcome(delivery, job, ending):
                 finished.append((delivery, job, ending))
                 self._unrecorded.add(task_id)
         return finished
@@ -595,11 +567,11 @@ class Worker:
             for _, job, ending in finished
         ]
         attempts = [
-            Attempt(job.task_id, job.attempts, result, self._next_steps(job, result))
+            Attempt(job.task_id, job.attempts, result, self._settle.next_steps(job, result))
             for (_, job, _), result in zip(finished, results, strict=True)
         ]
         ids = [message.id for _, message in batch]
-        call = (self._store_call, self.app.store.record_and_claim, attempts, ids, self.name)
+        call = (store_call, self.app.store.record_and_claim, attempts, ids, self.name)
         if self._running:
             future = self._statements.submit(*call)
             future.add_done_callback(self._wake)
@@ -620,80 +592,12 @@ class Worker:
             if turn.finished:
                 raise  # a bug recording outcomes: stop, and the messages come back
             for delivery, _ in turn.batch:
-                self._internal_error(delivery, exc)
+                self._settle.internal_error(delivery, exc)
             return
-        self._after_record(turn.finished, turn.results, answers)
+        self._settle.after_record(turn.finished, turn.results, answers)
         self._unrecorded.difference_update(job.task_id for _, job, _ in turn.finished)
         if turn.batch:
             self._start_claimed(turn.batch, claimed)
-
-    def _after_record(
-        self,
-        finished: list[Ended],
-        results: list[AttemptResult],
-        answers: list[list[Job] | None],
-    ) -> None:
-        for (_, job, _), followups in zip(finished, answers, strict=True):
-            if followups is None:
-                logger.warning(
-                    "Task %s[%s] attempt %d was superseded; its outcome is not recorded",
-                    job.task_name,
-                    job.task_id,
-                    job.attempts,
-                )
-        # Only now, with the outcomes committed, may the messages go (invariant 2): in
-        # one frame on RabbitMQ when their delivery tags allow it.
-        self._subscription.ack_many([delivery for delivery, _, _ in finished])  # type: ignore[union-attr]
-        for (_, job, ending), result, followups in zip(finished, results, answers, strict=True):
-            if followups:
-                self._deliver(followups)
-            self._report(job, ending, result)
-
-    def _report(self, job: Job, ending: Ending, result: AttemptResult) -> None:
-        """Log a recorded attempt, and fire ``job_failed`` for a failed one."""
-        if result.status == states.SUCCEEDED:
-            logger.info(
-                "Task %s[%s] succeeded in %.3fs", job.task_name, job.task_id, ending.runtime
-            )
-            return
-        exc = (
-            failure.rebuild(serialization.loads(result.result))
-            if result.result
-            else WorkerLostError(result.error)
-        )
-        level = logging.WARNING if result.status == states.RETRYING else logging.ERROR
-        task = self.app.tasks.get(job.task_name)
-        if task is not None and task.throws and isinstance(exc, task.throws):
-            level = logging.INFO  # an expected error (Celery's ``throws``): not an error log
-        logger.log(
-            level, "Task %s[%s] %s", job.task_name, job.task_id, result.log_line.split(": ", 1)[-1]
-        )
-        self.app.emit("job_failed", exc, self._store_call(self.app.store.get, job.task_id) or job)
-        if result.status == states.RETRYING and result.eta is not None and result.eta <= utcnow():
-            self._upkeep.publish_soon()  # the immediate retry now, not at the next tick
-
-    def _next_steps(self, job: Job, result: AttemptResult) -> NextSteps | None:
-        """Plan what the job's workflow sends next (callbacks, chain, chord, errbacks)."""
-        if not job.workflow or result.status not in (states.SUCCEEDED, states.FAILED):
-            return None
-        if not any(job.workflow.get(key) for key in canvas.LINKS):
-            # Nothing can follow (e.g. a group member: only its group_index): no plan,
-            # and the turn stays a single statement (JobStore.record_and_claim).
-            return None
-        value = serialization.loads(result.result) if result.result else None
-        try:
-            return canvas.next_steps(self.app, job, result.status, value, result.error)
-        except Exception:
-            logger.exception("Task %s[%s]: workflow not planned", job.task_name, job.task_id)
-            return None
-
-    def _deliver(self, rows: list[Job]) -> None:
-        """Publish follow-up jobs written with an outcome; one that cannot be published
-        now stays ``pending`` for the reconciler."""
-        try:
-            self.app.deliver_all(rows)
-        except Exception as exc:
-            logger.warning("follow-up jobs not published now (%r); the reconciler will", exc)
 
     # -- runtime controls: revoke, Reject/Ignore, time limits, rate limits -------------
 
@@ -714,81 +618,10 @@ class Worker:
         revoked (after ``terminate=True`` it already does), and its message is acked."""
         delivery, job = self._running.pop(task_id)
         if signum is None:
-            self._store_call(self.app.store.revoke_unstarted, task_id, job.attempts, self.name)
+            store_call(self.app.store.revoke_unstarted, task_id, job.attempts, self.name)
         self._subscription.ack(delivery)  # type: ignore[union-attr]
         logger.info("Task %s[%s] revoked before it started: dropped", job.task_name, task_id)
-        self._send_revoked(job, delivery, terminated=False, signum=None, expired=False)
-
-    def _settle_control_outcome(self, delivery: Delivery, job: Job, ending: Ending) -> bool:
-        """Record an attempt that a runtime control ended: terminated by revoke, or
-        ended by the task raising Reject or Ignore. ``False`` for any other outcome."""
-        signum = self._revocations.ended(job.task_id)
-        if signum is not None:
-            # The row already says revoked ("terminated (SIG...)"), with its log line.
-            self._subscription.ack(delivery)  # type: ignore[union-attr]
-            logger.warning(
-                "Task %s[%s] terminated (%s); the job stays revoked",
-                job.task_name,
-                job.task_id,
-                signal.Signals(signum).name,
-            )
-            self._send_revoked(job, delivery, terminated=True, signum=signum, expired=False)
-            return True
-        if ending.status == Outcome.IGNORED:
-            ignored = ignored_result(job, now=utcnow(), worker=self.name)
-            self._store_call(
-                self.app.store.record_attempt, job.task_id, job.attempts, ignored, None
-            )
-            self._subscription.ack(delivery)  # type: ignore[union-attr]
-            logger.info("Task %s[%s] ignored", job.task_name, job.task_id)
-            return True
-        if ending.status == Outcome.REJECTED:
-            self._record_rejected(delivery, job, ending)
-            return True
-        return False
-
-    def _record_rejected(self, delivery: Delivery, job: Job, ending: Ending) -> None:
-        """The task raised Reject: record what :func:`.outcomes.rejection` decides, then
-        let the message go (dead-lettered if the job failed)."""
-        decided = rejection(job, ending, now=utcnow(), worker=self.name)
-        if decided.requeued:
-            self._store_call(
-                self.app.store.record_attempt, job.task_id, job.attempts, decided.result, None
-            )
-            self._subscription.ack(delivery)  # type: ignore[union-attr]
-            self._upkeep.publish_soon()  # the scheduler publishes it again with this turn
-            logger.info(
-                "Task %s[%s] rejected and requeued: %s", job.task_name, job.task_id, decided.reason
-            )
-            return
-        failed = decided.result
-        then = self._next_steps(job, failed)
-        followups = self._store_call(
-            self.app.store.record_attempt, job.task_id, job.attempts, failed, then
-        )
-        # Only now, with the outcome committed, may the message go (invariant 2).
-        assert decided.dead_letter_reason is not None
-        self._dead_letter(delivery, decided.dead_letter_reason, job.task_id)
-        if followups:
-            self._deliver(followups)
-        meta = failed.result
-        exc = (
-            failure.rebuild(serialization.loads(meta)) if meta else WorkerLostError(decided.reason)
-        )
-        self.app.emit("job_failed", exc, self._store_call(self.app.store.get, job.task_id) or job)
-
-    def _send_revoked(
-        self, job: Job, delivery: Delivery, *, terminated: bool, signum: int | None, expired: bool
-    ) -> None:
-        send_revoked(
-            self.app,
-            job,
-            delivery,
-            hostname=self.name,
-            terminated=terminated,
-            signum=signum,
-            expired=expired,
-        )
+        self._settle.send_revoked(job, delivery, terminated=False, signum=None, expired=False)
 
     # -- database errors ---------------------------------------------------------
 
@@ -799,21 +632,6 @@ class Worker:
             return True
         turn = self._turn
         return turn is not None and any(message.id == task_id for _, message in turn.batch)
-
-    def _store_call(self, method: Callable[..., _T], *args: Any) -> _T:
-        """Call a store method, retrying while the database is unreachable.
-
-        Nothing is acked meanwhile, so a worker cut off from its database holds its
-        messages rather than losing what happened to them.
-        """
-        pause = 0.2
-        while True:
-            try:
-                return method(*args)
-            except StoreError as exc:
-                logger.error("database unavailable (%s); retrying in %.1fs", exc, pause)
-                time.sleep(pause)
-                pause = min(pause * 2, 5.0)
 
 
 def expand_name(name: str) -> str:
@@ -833,8 +651,3 @@ def _workflow_of(message: protocol.TaskMessage) -> serialization.RawJSON | None:
     if not any(value is not None for value in workflow.values()):
         return None
     return serialization.dumps(workflow)
-
-
-def _header_id(delivery: Delivery) -> str | None:
-    value = (delivery.headers or {}).get("id")
-    return value if isinstance(value, str) else None
