@@ -22,6 +22,12 @@ per job therefore falls as the load rises, while a lone job still goes through a
 
 Delays (countdown, eta, retry backoff) wait in the table; the scheduler, run from the
 same loop, publishes due jobs (invariant 7).
+
+This module owns the :class:`Worker`'s lifecycle and its loop (intake, turns, acks,
+starts). It delegates: what to write for an attempt to :mod:`.outcomes` (pure), how to
+apply it outside a turn to :mod:`.settlement`, rate limits, time limits and revocations
+to :mod:`.gates`, the scheduler, prune, heartbeat and reconciler to :mod:`.upkeep`, and
+the turn's statement to :mod:`.turns`.
 """
 
 from __future__ import annotations
