@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import enum
 import logging
 import signal as _signal
 import threading
@@ -38,12 +39,31 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("heretic_kombu.worker")
 
-SUCCEEDED = "succeeded"
-RETRY = "retry"
-FAILED = "failed"
-LOST = "lost"  # reported by a pool whose child died during the attempt
-REJECTED = "rejected"  # the task raised Reject: dead-letter, or requeue
-IGNORED = "ignored"  # the task raised Ignore: end the job without an outcome
+
+class Outcome(str, enum.Enum):
+    """How an attempt ended, as :func:`execute` (or the pool) reports it: the ``status``
+    of an outcome dict. Not a row status (see :mod:`heretic_kombu.states`): ``RETRY``
+    becomes the row's ``retrying``. A ``str`` so that it crosses the pipe to a child as
+    plain JSON and compares equal to the text read back."""
+
+    SUCCEEDED = "succeeded"
+    RETRY = "retry"
+    FAILED = "failed"
+    LOST = "lost"  # reported by a pool whose child died during the attempt
+    REJECTED = "rejected"  # the task raised Reject: dead-letter, or requeue
+    IGNORED = "ignored"  # the task raised Ignore: end the job without an outcome
+
+    def __str__(self) -> str:  # the value, in f-strings too, on every Python version
+        return str(self.value)
+
+
+# The names the outcome statuses had before Outcome; still importable.
+SUCCEEDED = Outcome.SUCCEEDED
+RETRY = Outcome.RETRY
+FAILED = Outcome.FAILED
+LOST = Outcome.LOST
+REJECTED = Outcome.REJECTED
+IGNORED = Outcome.IGNORED
 
 
 def execute(app: Heretic, call: dict[str, Any]) -> dict[str, Any]:

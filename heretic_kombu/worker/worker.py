@@ -22,6 +22,12 @@ per job therefore falls as the load rises, while a lone job still goes through a
 
 Delays (countdown, eta, retry backoff) wait in the table; the scheduler, run from the
 same loop, publishes due jobs (invariant 7).
+
+This module owns the :class:`Worker`'s lifecycle and its loop (intake, turns, acks,
+starts). It delegates: what to write for an attempt to :mod:`.outcomes` (pure), how to
+apply it outside a turn to :mod:`.settlement`, rate limits, time limits and revocations
+to :mod:`.gates`, the scheduler, prune, heartbeat and reconciler to :mod:`.upkeep`, and
+the turn's statement to :mod:`.turns`.
 """
 
 from __future__ import annotations
@@ -29,8 +35,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import dataclasses
-import datetime as dt
 import logging
 import os
 import queue
@@ -40,16 +44,17 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import canvas, control, failure, protocol, serialization, signals, states
+from .. import canvas, protocol, serialization, signals, states
 from .. import retry as retry_policy
 from ..broker import Delivery, Subscription
-from ..exceptions import EncodeError, MalformedMessage, StoreError, WorkerLostError
-from ..execution import FAILED, IGNORED, LOST, REJECTED, RETRY, SUCCEEDED
-from ..ratelimit import TokenBucket, parse_rate
-from ..store import Attempt, AttemptResult, Job, NewJob, NextSteps, log_line, utcnow
-from ..store.jobstore import REVOKE_REQUESTED
-from ..task import Context
+from ..exceptions import EncodeError, MalformedMessage
+from ..store import Attempt, Job, NewJob, utcnow
+from .gates import RateLimits, Revocations, TimeLimits
+from .outcomes import Ending, attempt_result
 from .pool import POOLS, Pool
+from .settlement import Settlement, header_id, store_call
+from .turns import Accepted, Ended, StatementThread, Turn
+from .upkeep import Upkeep
 
 if TYPE_CHECKING:
     from ..app import Heretic
@@ -92,27 +97,19 @@ class Worker:
         self._limit = self.prefetch
         self._runtime = SHORT_JOB  # moving average of job run times, in seconds
         self.name = expand_name(name or settings.effective_worker_name)
-        self.scheduler_interval = settings.scheduler_interval
-        self.heartbeat_interval = settings.heartbeat_interval
-        self.lease_timeout = dt.timedelta(seconds=settings.lease_timeout)
-        self.pending_timeout = dt.timedelta(seconds=settings.pending_timeout)
-        self._next_prune = time.monotonic() + min(60.0, settings.prune_interval)
-        self._next_reconcile = 0.0
-        self._heartbeat_stop = threading.Event()
         self._inbox: collections.deque[Delivery] = collections.deque()
         self._done: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
         self._running: dict[str, tuple[Delivery, Job]] = {}
         # The turn whose statement is in flight, and what the next one takes: attempts
         # that ended and messages accepted meanwhile.
-        self._turn: _Turn | None = None
-        self._next_finished: list[tuple[Delivery, Job, dict[str, Any]]] = []
+        self._turn: Turn | None = None
+        self._next_finished: list[Ended] = []
         # Jobs that ended and whose outcome is not committed yet (in _next_finished or in
         # the turn in flight): their leases are still renewed, as for running jobs.
         self._unrecorded: set[str] = set()
-        self._next_batch: list[tuple[Delivery, protocol.TaskMessage]] = []
-        self._statements = _StatementThread()
+        self._next_batch: list[Accepted] = []
+        self._statements = StatementThread()
         self._stopping = False
-        self._next_tick = 0.0
         self._poll = POLL_MIN
         self._active_at = 0.0  # when the loop last recorded or claimed something
         # A job ending writes a byte here, which wakes the loop waiting on the broker.
@@ -124,17 +121,20 @@ class Worker:
         self._wake_lock = threading.Lock()
         self._wake_closed = False
         self._subscription: Subscription | None = None
-        # revoke(terminate=True): (task id, row error) seen by the heartbeat thread, and
-        # the signal sent to each job being terminated.
-        self._revocations: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
-        self._terminating: dict[str, int] = {}
-        self._cannot_terminate: set[str] = set()
-        # rate_limit: a token bucket per task, messages held for a token, and the held
-        # messages released with their token already taken.
-        self._buckets: dict[str, TokenBucket | None] = {}
-        self._held: dict[str, collections.deque[Delivery]] = {}
-        self._granted: dict[int, Delivery] = {}
-        self._no_limit_warned: set[str] = set()
+        self._revocations = Revocations(app, self.pool)
+        self._rate_limits = RateLimits(app)
+        self._time_limits = TimeLimits(app, self.pool)
+        self._settle = Settlement(
+            app, self.name, self._revocations, lambda: self._upkeep.publish_soon()
+        )
+        self._upkeep = Upkeep(
+            app,
+            running=lambda: list(self._running),
+            unrecorded=lambda: list(self._unrecorded),
+            holds=self._holds,
+            release_lost=self._settle.release_lost,
+            revocations=self._revocations,
+        )
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -142,14 +142,13 @@ class Worker:
         """Work until SIGTERM/SIGINT; return the exit status (0 after a warm shutdown)."""
         self._install_signals()
         self.pool.start()  # fork before opening connections the children must not share
-        heartbeat = threading.Thread(
-            target=self._heartbeat_loop, name="heretic-heartbeat", daemon=True
-        )
+        heartbeat = self._upkeep.heartbeat_thread()
         try:
             self.app.store.ensure_schema()
             self._subscription = self.app.broker.subscribe(
                 self.queues, self._inbox.append, self._limit
             )
+            self._settle.attach(self._subscription)
             logger.info(
                 "%s ready: queues %s, %s pool x%d, prefetch %d",
                 self.name,
@@ -166,7 +165,7 @@ class Worker:
         finally:
             # Also on a failed start: children ignore SIGTERM, so an exiting worker that
             # left them to multiprocessing's atexit hook would wait for them forever.
-            self._heartbeat_stop.set()
+            self._upkeep.stop()
             self._statements.stop()
             if self._subscription is not None:  # it had started
                 signals.worker_shutdown.send(sender=self)
@@ -188,7 +187,7 @@ class Worker:
         claiming = len(self._next_batch) + (len(self._turn.batch) if self._turn else 0)
         return self._limit - len(self._running) - claiming
 
-    def _adapt_prefetch(self, finished: list[tuple[Delivery, Job, dict[str, Any]]]) -> None:
+    def _adapt_prefetch(self, finished: list[Ended]) -> None:
         """Reserve more messages while jobs are short, the configured number otherwise.
 
         Each loop turn costs one commit whatever its size, so short jobs go as fast as
@@ -197,9 +196,8 @@ class Worker:
         run times: ``short_job_prefetch`` below ``SHORT_JOB`` s, ``prefetch`` above
         ``LONG_JOB`` s.
         """
-        for _, _, outcome in finished:
-            runtime = outcome.get("runtime") or 0.0
-            self._runtime += (runtime - self._runtime) * 0.1
+        for _, _, ending in finished:
+            self._runtime += (ending.runtime - self._runtime) * 0.1
         if self._runtime < SHORT_JOB:
             limit = self.short_job_prefetch
         elif self._runtime > LONG_JOB:
@@ -228,7 +226,9 @@ class Worker:
             # While jobs run, come back soon to record their outcomes (the broker's socket
             # cannot wake us for them); when idle, sleep until the scheduler's next tick
             # unless a message arrives.
-            idle = max(0.002, min(1.0, self._next_tick - time.monotonic(), self._held_wait()))
+            idle = max(
+                0.002, min(1.0, self._upkeep.next_tick - time.monotonic(), self._rate_limits.wait())
+            )
             if (self._running or self._turn) and not self._subscription.can_wake:
                 idle = self._poll
             self._subscription.drain(idle, wake=self._wake_r)
@@ -241,14 +241,14 @@ class Worker:
         # Jobs that have run long are checked less often: a tenth of the quiet time
         # (an outcome waits at most ~10% longer than its job ran), within the bounds.
         self._poll = min(POLL_MAX, max(POLL_MIN, (now - self._active_at) / 10))
-        self._tick()
+        self._upkeep.tick()
         self._apply_revocations()
         self.pool.maintain()
 
-    def _accept_inbox(self) -> list[tuple[Delivery, protocol.TaskMessage]]:
+    def _accept_inbox(self) -> list[Accepted]:
         """Take every received message there is room for and check it before its claim."""
         assert self._subscription is not None
-        batch: list[tuple[Delivery, protocol.TaskMessage]] = []
+        batch: list[Accepted] = []
         while self._inbox and self._room() > len(batch) and not self._stopping:
             delivery = self._inbox.popleft()
             if not self._subscription.is_live(delivery):
@@ -258,7 +258,7 @@ class Worker:
             try:
                 accepted = self._accept(delivery)
             except Exception as exc:
-                self._internal_error(delivery, exc)
+                self._settle.internal_error(delivery, exc)
                 continue
             if accepted is not None:
                 batch.append(accepted)
@@ -314,27 +314,25 @@ class Worker:
     def _accept(self, delivery: Delivery) -> tuple[Delivery, protocol.TaskMessage] | None:
         """Check a delivery before its claim; ``None`` if it was dealt with here (held by
         its rate limit, dead-lettered, or a Celery client's job scheduled for later)."""
-        if not self._take_token(delivery):
+        if not self._rate_limits.admit(delivery):
             return None  # rate limited: held, unclaimed, until its task's bucket has a token
         try:
             message = protocol.decode(
                 delivery.body, delivery.content_type, delivery.headers, delivery.priority
             )
         except MalformedMessage as exc:
-            self._dead_letter(delivery, str(exc), _header_id(delivery))
+            self._settle.dead_letter(delivery, str(exc), header_id(delivery))
             return None
         if message.task not in self.app.tasks:
             reason = f"unknown task {message.task!r}: not registered in this worker"
-            self._store_call(self.app.store.fail_unhandleable, message.id, reason)
-            self._dead_letter(delivery, reason, message.id)
+            store_call(self.app.store.fail_unhandleable, message.id, reason)
+            self._settle.dead_letter(delivery, reason, message.id)
             return None
         if message.job_id is None and not self._adopt(delivery, message):
             return None
         return delivery, message
 
-    def _start_claimed(
-        self, batch: list[tuple[Delivery, protocol.TaskMessage]], claimed: dict[str, Job]
-    ) -> None:
+    def _start_claimed(self, batch: list[Accepted], claimed: dict[str, Job]) -> None:
         """Start the jobs claimed for a batch of accepted messages; a message with
         nothing to claim goes through :meth:`_unclaimed`."""
         for delivery, message in batch:
@@ -344,12 +342,7 @@ class Worker:
                 if job is not None:
                     self._start(delivery, job)
             except Exception as exc:
-                self._internal_error(delivery, exc)
-
-    def _internal_error(self, delivery: Delivery, exc: Exception) -> None:
-        # A bug of ours must not crash every worker the message is redelivered to.
-        logger.exception("unexpected error handling a message")
-        self._dead_letter(delivery, f"internal error: {exc!r}", _header_id(delivery))
+                self._settle.internal_error(delivery, exc)
 
     def _start(self, delivery: Delivery, job: Job) -> None:
         """Hand a claimed job to a pool slot."""
@@ -371,7 +364,7 @@ class Worker:
             "hostname": self.name,
             "queue": delivery.queue,
         }
-        call["time_limit"], call["soft_time_limit"] = self._time_limits(job)
+        call["time_limit"], call["soft_time_limit"] = self._time_limits.of(job)
         task_id = job.task_id
 
         def on_done(outcome: dict[str, Any]) -> None:
@@ -393,7 +386,7 @@ class Worker:
         try:
             payload = serialization.dumps({"args": message.args, "kwargs": message.kwargs})
         except EncodeError as exc:  # e.g. NaN or NUL, which Celery's JSON lets through
-            self._dead_letter(delivery, f"arguments cannot be stored: {exc}", message.id)
+            self._settle.dead_letter(delivery, f"arguments cannot be stored: {exc}", message.id)
             return False
         row = NewJob(
             task_id=message.id,
@@ -411,7 +404,7 @@ class Worker:
             attempts=message.retries,
             workflow=_workflow_of(message),
         )
-        self._store_call(self.app.store.insert_if_missing, row)
+        store_call(self.app.store.insert_if_missing, row)
         if later:
             # The eta waits in the table, not as an unacked message (invariant 7).
             self._subscription.ack(delivery)  # type: ignore[union-attr]
@@ -423,9 +416,9 @@ class Worker:
         """A message whose job could not be claimed: missing row (dead letter), a copy of a
         job running here, a lost attempt to recover, or nothing to do (acked)."""
         store = self.app.store
-        row = self._store_call(store.get, message.id)
+        row = store_call(store.get, message.id)
         if row is None:
-            self._dead_letter(
+            self._settle.dead_letter(
                 delivery,
                 f"job row {message.job_id} for task id {message.id} does not exist",
                 message.id,
@@ -454,9 +447,9 @@ class Worker:
             return None
         if row.status == states.STARTED and delivery.redelivered:
             return self._recover_lost_attempt(delivery, row)
-        if self._store_call(store.revoke_expired, message.id):
+        if store_call(store.revoke_expired, message.id):
             logger.info("Task %s[%s] expired before it ran: revoked", row.task_name, row.task_id)
-            self._send_revoked(row, delivery, terminated=False, signum=None, expired=True)
+            self._settle.send_revoked(row, delivery, terminated=False, signum=None, expired=True)
         else:
             logger.info(
                 "Task %s[%s]: message dropped, nothing to claim (status %s%s)",
@@ -467,11 +460,13 @@ class Worker:
             )
             if row.status == states.REVOKED:  # Celery: "Discarding revoked task"
                 expired = row.error == "expired"
-                self._send_revoked(row, delivery, terminated=False, signum=None, expired=expired)
+                self._settle.send_revoked(
+                    row, delivery, terminated=False, signum=None, expired=expired
+                )
         self._subscription.ack(delivery)  # type: ignore[union-attr]
         return None
 
-    def _ended_here(self) -> list[list[tuple[Delivery, Job, dict[str, Any]]]]:
+    def _ended_here(self) -> list[list[Ended]]:
         """The lists of attempts that ended here and wait for their turn's commit."""
         return [self._next_finished, self._turn.finished if self._turn else []]
 
@@ -494,9 +489,9 @@ class Worker:
             self._running[task_id] = (delivery, self._running[task_id][1])
             return
         for finished in self._ended_here():
-            for index, (_, job, outcome) in enumerate(finished):
+            for index, (_, job, ending) in enumerate(finished):
                 if job.task_id == task_id:
-                    finished[index] = (delivery, job, outcome)
+                    finished[index] = (delivery, job, ending)
 
     def _recover_lost_attempt(self, delivery: Delivery, row: Job) -> Job | None:
         """The message comes back while its row says ``started``.
@@ -505,7 +500,7 @@ class Worker:
         a worker that still renews it is running the job, so this copy is acked (if
         that worker dies later, the reconciler finds the expired lease).
         """
-        if row.updated_at > utcnow() - self.lease_timeout:
+        if row.updated_at > utcnow() - self._upkeep.lease_timeout:
             logger.info(
                 "Task %s[%s] redelivered but still running on %s (lease renewed %s);"
                 " duplicate acked",
@@ -516,53 +511,22 @@ class Worker:
             )
             self._subscription.ack(delivery)  # type: ignore[union-attr]
             return None
-        released = self._release_lost(row, "the worker died mid-job")
+        released = self._settle.release_lost(row, "the worker died mid-job")
         if released:
-            job = self._store_call(self.app.store.claim, row.task_id, self.name)
+            job = store_call(self.app.store.claim, row.task_id, self.name)
             if job is not None:
                 return job
         self._subscription.ack(delivery)  # type: ignore[union-attr]
         return None
 
-    def _release_lost(self, row: Job, why: str) -> bool:
-        """Log the lost attempt of ``row`` and make it due again (or fail it, if it was
-        the last allowed one). Returns ``True`` if the job may run again."""
-        line = log_line(utcnow(), row.attempts, row.worker or "?", f"lost: {why}")
-        give_up = then = None
-        if row.attempts >= row.max_attempts:
-            give_up = _lost_result(f"worker {row.worker} lost the last allowed attempt: {why}")
-            then = self._next_steps(row, give_up)
-        followups = self._store_call(self.app.store.release_lost_attempt, row, line, give_up, then)
-        if followups is not None:
-            self._deliver(followups)
-            logger.warning(
-                "Task %s[%s] attempt %d was lost with worker %s: %s",
-                row.task_name,
-                row.task_id,
-                row.attempts,
-                row.worker,
-                why,
-            )
-        return give_up is None
-
-    def _dead_letter(self, delivery: Delivery, reason: str, task_id: str | None) -> None:
-        logger.error("message dead-lettered to %s.dead: %s", delivery.queue, reason)
-        assert self._subscription is not None
-        self._subscription.dead_letter(delivery, reason)
-        error = MalformedMessage(reason)
-        error.reason, error.queue, error.task_id = reason, delivery.queue, task_id  # type: ignore[attr-defined]
-        self.app.emit("job_error", error)
-
     # -- outcomes ------------------------------------------------------------------
 
-    def _take_finished(
-        self, block: float | None = None
-    ) -> list[tuple[Delivery, Job, dict[str, Any]]]:
+    def _take_finished(self, block: float | None = None) -> list[Ended]:
         """The attempts that ended since the last call (waiting up to ``block`` s for the
         first), but those a runtime control settled (terminated, Reject, Ignore)."""
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 4096)
-        finished: list[tuple[Delivery, Job, dict[str, Any]]] = []
+        finished: list[Ended] = []
         while True:
             try:
                 task_id, outcome = (
@@ -572,8 +536,9 @@ class Worker:
                 break
             block = None
             delivery, job = self._running.pop(task_id)
-            if not self._settle_control_outcome(delivery, job, outcome):
-                finished.append((delivery, job, outcome))
+            ending = Ending.from_report(outcome)
+            if not self._settle.control_outcome(delivery, job, ending):
+                finished.append((delivery, job, ending))
                 self._unrecorded.add(task_id)
         return finished
 
@@ -598,24 +563,27 @@ class Worker:
 
     def _begin_turn(
         self,
-        finished: list[tuple[Delivery, Job, dict[str, Any]]],
-        batch: list[tuple[Delivery, protocol.TaskMessage]],
+        finished: list[Ended],
+        batch: list[Accepted],
     ) -> None:
         """Send the statement that records the ended attempts and claims the accepted
         messages, in one commit; :meth:`_end_turn` follows once it has returned."""
-        results = [self._attempt_result(job, outcome) for _, job, outcome in finished]
+        results = [
+            attempt_result(job, ending, now=utcnow(), worker=self.name)
+            for _, job, ending in finished
+        ]
         attempts = [
-            Attempt(job.task_id, job.attempts, result, self._next_steps(job, result))
+            Attempt(job.task_id, job.attempts, result, self._settle.next_steps(job, result))
             for (_, job, _), result in zip(finished, results, strict=True)
         ]
         ids = [message.id for _, message in batch]
-        call = (self._store_call, self.app.store.record_and_claim, attempts, ids, self.name)
+        call = (store_call, self.app.store.record_and_claim, attempts, ids, self.name)
         if self._running:
             future = self._statements.submit(*call)
             future.add_done_callback(self._wake)
         else:  # no job runs meanwhile: the loop would only wait (a lone job's latency)
-            future = _StatementThread.call_here(*call)
-        self._turn = _Turn(finished, batch, results, future)
+            future = StatementThread.call_here(*call)
+        self._turn = Turn(finished, batch, results, future)
         self._adapt_prefetch(finished)
         self._active_at = time.monotonic()
 
@@ -630,467 +598,36 @@ class Worker:
             if turn.finished:
                 raise  # a bug recording outcomes: stop, and the messages come back
             for delivery, _ in turn.batch:
-                self._internal_error(delivery, exc)
+                self._settle.internal_error(delivery, exc)
             return
-        self._after_record(turn.finished, turn.results, answers)
+        self._settle.after_record(turn.finished, turn.results, answers)
         self._unrecorded.difference_update(job.task_id for _, job, _ in turn.finished)
         if turn.batch:
             self._start_claimed(turn.batch, claimed)
 
-    def _after_record(
-        self,
-        finished: list[tuple[Delivery, Job, dict[str, Any]]],
-        results: list[AttemptResult],
-        answers: list[list[Job] | None],
-    ) -> None:
-        for (_, job, _), followups in zip(finished, answers, strict=True):
-            if followups is None:
-                logger.warning(
-                    "Task %s[%s] attempt %d was superseded; its outcome is not recorded",
-                    job.task_name,
-                    job.task_id,
-                    job.attempts,
-                )
-        # Only now, with the outcomes committed, may the messages go (invariant 2): in
-        # one frame on RabbitMQ when their delivery tags allow it.
-        self._subscription.ack_many([delivery for delivery, _, _ in finished])  # type: ignore[union-attr]
-        for (_, job, outcome), result, followups in zip(finished, results, answers, strict=True):
-            if followups:
-                self._deliver(followups)
-            self._report(job, outcome, result)
-
-    def _report(self, job: Job, outcome: dict[str, Any], result: AttemptResult) -> None:
-        """Log a recorded attempt, and fire ``job_failed`` for a failed one."""
-        runtime = outcome.get("runtime") or 0.0
-        if result.status == states.SUCCEEDED:
-            logger.info("Task %s[%s] succeeded in %.3fs", job.task_name, job.task_id, runtime)
-            return
-        exc = (
-            failure.rebuild(serialization.loads(result.result))
-            if result.result
-            else WorkerLostError(result.error)
-        )
-        level = logging.WARNING if result.status == states.RETRYING else logging.ERROR
-        task = self.app.tasks.get(job.task_name)
-        if task is not None and task.throws and isinstance(exc, task.throws):
-            level = logging.INFO  # an expected error (Celery's ``throws``): not an error log
-        logger.log(
-            level, "Task %s[%s] %s", job.task_name, job.task_id, result.log_line.split(": ", 1)[-1]
-        )
-        self.app.emit("job_failed", exc, self._store_call(self.app.store.get, job.task_id) or job)
-        if result.status == states.RETRYING and result.eta is not None and result.eta <= utcnow():
-            self._next_tick = 0.0  # publish the immediate retry now, not at the next tick
-
-    def _next_steps(self, job: Job, result: AttemptResult) -> NextSteps | None:
-        """Plan what the job's workflow sends next (callbacks, chain, chord, errbacks)."""
-        if not job.workflow or result.status not in (states.SUCCEEDED, states.FAILED):
-            return None
-        if not any(job.workflow.get(key) for key in canvas.LINKS):
-            # Nothing can follow (e.g. a group member: only its group_index): no plan,
-            # and the turn stays a single statement (JobStore.record_and_claim).
-            return None
-        value = serialization.loads(result.result) if result.result else None
-        try:
-            return canvas.next_steps(self.app, job, result.status, value, result.error)
-        except Exception:
-            logger.exception("Task %s[%s]: workflow not planned", job.task_name, job.task_id)
-            return None
-
-    def _deliver(self, rows: list[Job]) -> None:
-        """Publish follow-up jobs written with an outcome; one that cannot be published
-        now stays ``pending`` for the reconciler."""
-        try:
-            self.app.deliver_all(rows)
-        except Exception as exc:
-            logger.warning("follow-up jobs not published now (%r); the reconciler will", exc)
-
-    def _attempt_result(self, job: Job, outcome: dict[str, Any]) -> AttemptResult:
-        now = utcnow()
-        status = outcome["status"]
-        runtime = outcome.get("runtime") or 0.0
-
-        def line(text: str) -> str:
-            return log_line(now, job.attempts, self.name, text)
-
-        if status == SUCCEEDED:
-            value = outcome.get("result")
-            return AttemptResult(
-                states.SUCCEEDED,
-                line(f"succeeded in {runtime:.3f}s"),
-                result=serialization.RawJSON(value) if value else None,
-            )
-        if status == LOST:
-            if job.attempts < job.max_attempts:
-                return AttemptResult(
-                    states.RETRYING,
-                    line(f"lost: {outcome['error']}; retry now"),
-                    error=f"WorkerLostError: {outcome['error']}",
-                    eta=now,
-                    result=serialization.dumps(failure.describe(WorkerLostError(outcome["error"]))),
-                )
-            return _lost_result(outcome["error"], line(f"lost: {outcome['error']}"))
-        meta = serialization.dumps(outcome["exc"]) if outcome.get("exc") else None
-        if status == RETRY:
-            eta = retry_policy.next_run_at(now, _when(outcome.get("when")))
-            new_max = outcome.get("max_retries")
-            payload = None
-            if outcome.get("args") is not None or outcome.get("kwargs") is not None:
-                payload = serialization.dumps(
-                    {
-                        "args": outcome["args"] if outcome.get("args") is not None else job.args,
-                        "kwargs": outcome["kwargs"]
-                        if outcome.get("kwargs") is not None
-                        else job.kwargs,
-                    }
-                )
-            return AttemptResult(
-                states.RETRYING,
-                line(f"failed: {outcome['error']}; retry at {eta:%Y-%m-%dT%H:%M:%S.%fZ}"),
-                result=meta,
-                error=outcome["error"],
-                traceback=outcome.get("traceback"),
-                eta=eta,
-                max_attempts=retry_policy.max_attempts_for(new_max)
-                if new_max is not None
-                else None,
-                payload=payload,
-            )
-        assert status == FAILED, status
-        return AttemptResult(
-            states.FAILED,
-            line(f"failed: {outcome['error']}"),
-            result=meta,
-            error=outcome["error"],
-            traceback=outcome.get("traceback"),
-        )
-
     # -- runtime controls: revoke, Reject/Ignore, time limits, rate limits -------------
-
-    def _time_limits(self, job: Job) -> tuple[float | None, float | None]:
-        """The (hard, soft) time limits of a job: the call's own (``apply_async(
-        time_limit=...)``, or a Celery client's ``timelimit`` header), else the task's,
-        else the ``time_limit``/``soft_time_limit`` settings (task_time_limit...)."""
-        task_name = job.task_name
-        task = self.app.tasks.get(task_name)
-        settings = self.app.settings
-        per_call = (job.workflow or {}).get("timelimit") or [None, None]
-        hard = task.time_limit if task is not None and task.time_limit is not None else None
-        soft = task.soft_time_limit if task is not None else None
-        hard = per_call[0] if per_call[0] is not None else hard
-        soft = per_call[1] if per_call[1] is not None else soft
-        hard = hard if hard is not None else settings.time_limit
-        soft = soft if soft is not None else settings.soft_time_limit
-        if hard and not self.pool.enforces_time_limits and task_name not in self._no_limit_warned:
-            self._no_limit_warned.add(task_name)
-            logger.warning(
-                "Task %s has a hard time limit (%ss) that the %s pool cannot enforce:"
-                " hard time limits need the prefork pool",
-                task_name,
-                hard,
-                type(self.pool).__name__,
-            )
-        return (float(hard) if hard else None, float(soft) if soft else None)
-
-    def _bucket(self, task_name: str) -> TokenBucket | None:
-        """The token bucket of a rate-limited task (``rate_limit``), made on first use."""
-        if task_name not in self._buckets:
-            task = self.app.tasks.get(task_name)
-            limit = task.rate_limit if task is not None else None
-            if limit is None:
-                limit = self.app.settings.default_rate_limit or None
-            try:
-                rate = parse_rate(limit)
-            except ValueError as exc:
-                logger.error("Task %s: %s; running it without a rate limit", task_name, exc)
-                rate = None
-            self._buckets[task_name] = TokenBucket(rate) if rate else None
-        return self._buckets[task_name]
-
-    def _take_token(self, delivery: Delivery) -> bool:
-        """``True`` if the delivery may be handled now; else it is held (not claimed,
-        not acked) behind its task's earlier held messages until a token is free."""
-        granted = self._granted.pop(id(delivery), None)
-        if granted is delivery:
-            return True
-        name = (delivery.headers or {}).get("task")
-        if not isinstance(name, str):
-            return True  # malformed: _handle dead-letters it
-        bucket = self._bucket(name)
-        if bucket is None:
-            return True
-        if not self._held.get(name) and bucket.can_consume():
-            return True
-        self._held.setdefault(name, collections.deque()).append(delivery)
-        return False
 
     def _release_held(self) -> None:
         """Put held messages whose task has a token again at the front of the inbox,
         no more than there are free slots (a token is taken when a job can start)."""
-        if not self._held:
+        if not self._rate_limits.holding:
             return
-        free = self._room()
-        released: list[Delivery] = []
-        for name, held in list(self._held.items()):
-            bucket = self._buckets.get(name)
-            while held and free > 0 and bucket is not None and bucket.can_consume():
-                delivery = held.popleft()
-                self._granted[id(delivery)] = delivery
-                released.append(delivery)
-                free -= 1
-            if not held:
-                del self._held[name]
-        for delivery in reversed(released):
+        for delivery in reversed(self._rate_limits.release(self._room())):
             self._inbox.appendleft(delivery)
 
-    def _held_wait(self) -> float:
-        """Seconds until a held message's task has a token again (1.0 if none is held)."""
-        waits = [
-            bucket.expected_time()
-            for name in self._held
-            if (bucket := self._buckets.get(name)) is not None
-        ]
-        return min(waits, default=1.0)
-
     def _apply_revocations(self) -> None:
-        """Act on the revocations the heartbeat found among the jobs claimed here: one
-        that has not started yet is dropped; a running one is terminated if revoked with
-        ``terminate=True``, else left to finish."""
-        while True:
-            try:
-                task_id, error = self._revocations.get_nowait()
-            except queue.Empty:
-                return
-            signum = control.terminate_signal(error)
-            if task_id not in self._running or task_id in self._terminating:
-                continue
-            if self.pool.take_unstarted(task_id):
-                self._drop_unstarted(task_id, signum)
-                continue
-            if signum is not None and self.pool.terminate_job(task_id, signum):
-                self._terminating[task_id] = signum
-                job = self._running[task_id][1]
-                logger.warning(
-                    "Task %s[%s] revoked with terminate=True: %s sent to its process",
-                    job.task_name,
-                    job.task_id,
-                    signal.Signals(signum).name,
-                )
+        """Act on the revocations the heartbeat found among the jobs claimed here."""
+        self._revocations.apply(self._running, self._drop_unstarted)
 
     def _drop_unstarted(self, task_id: str, signum: int | None) -> None:
         """A job revoked while it waited here for a slot never runs: its row says
         revoked (after ``terminate=True`` it already does), and its message is acked."""
         delivery, job = self._running.pop(task_id)
         if signum is None:
-            self._store_call(self.app.store.revoke_unstarted, task_id, job.attempts, self.name)
+            store_call(self.app.store.revoke_unstarted, task_id, job.attempts, self.name)
         self._subscription.ack(delivery)  # type: ignore[union-attr]
         logger.info("Task %s[%s] revoked before it started: dropped", job.task_name, task_id)
-        self._send_revoked(job, delivery, terminated=False, signum=None, expired=False)
-
-    def _settle_control_outcome(
-        self, delivery: Delivery, job: Job, outcome: dict[str, Any]
-    ) -> bool:
-        """Record an attempt that a runtime control ended: terminated by revoke, or
-        ended by the task raising Reject or Ignore. ``False`` for any other outcome."""
-        self._cannot_terminate.discard(job.task_id)
-        signum = self._terminating.pop(job.task_id, None)
-        if signum is not None:
-            # The row already says revoked ("terminated (SIG...)"), with its log line.
-            self._subscription.ack(delivery)  # type: ignore[union-attr]
-            logger.warning(
-                "Task %s[%s] terminated (%s); the job stays revoked",
-                job.task_name,
-                job.task_id,
-                signal.Signals(signum).name,
-            )
-            self._send_revoked(job, delivery, terminated=True, signum=signum, expired=False)
-            return True
-        status = outcome.get("status")
-        if status == IGNORED:
-            line = log_line(utcnow(), job.attempts, self.name, "ignored (the task raised Ignore)")
-            self._store_call(
-                self.app.store.record_attempt,
-                job.task_id,
-                job.attempts,
-                AttemptResult(states.IGNORED, line),
-                None,
-            )
-            self._subscription.ack(delivery)  # type: ignore[union-attr]
-            logger.info("Task %s[%s] ignored", job.task_name, job.task_id)
-            return True
-        if status == REJECTED:
-            self._record_rejected(delivery, job, outcome)
-            return True
-        return False
-
-    def _record_rejected(self, delivery: Delivery, job: Job, outcome: dict[str, Any]) -> None:
-        """The task raised Reject: requeue the job (while it has attempts left), or fail
-        it and dead-letter its message, as Celery's Reject(requeue=False) does."""
-        now = utcnow()
-        reason = outcome.get("reason") or "rejected"
-        meta = serialization.dumps(outcome["exc"]) if outcome.get("exc") else None
-
-        def line(text: str) -> str:
-            return log_line(now, job.attempts, self.name, text)
-
-        if outcome.get("requeue") and job.attempts < job.max_attempts:
-            requeued = AttemptResult(
-                states.RETRYING,
-                line(f"rejected: {reason}; requeued"),
-                result=meta,
-                error=outcome.get("error"),
-                eta=now,
-            )
-            self._store_call(
-                self.app.store.record_attempt, job.task_id, job.attempts, requeued, None
-            )
-            self._subscription.ack(delivery)  # type: ignore[union-attr]
-            self._next_tick = 0.0  # the scheduler publishes it again with this loop turn
-            logger.info("Task %s[%s] rejected and requeued: %s", job.task_name, job.task_id, reason)
-            return
-        why = "rejected"
-        if outcome.get("requeue"):
-            why = f"rejected with requeue, but all {job.max_attempts} attempt(s) are used"
-        failed = AttemptResult(
-            states.FAILED,
-            line(f"{why}: {reason}; message dead-lettered"),
-            result=meta,
-            error=outcome.get("error"),
-            traceback=outcome.get("traceback"),
-        )
-        then = self._next_steps(job, failed)
-        followups = self._store_call(
-            self.app.store.record_attempt, job.task_id, job.attempts, failed, then
-        )
-        # Only now, with the outcome committed, may the message go (invariant 2).
-        self._dead_letter(delivery, f"task {job.task_name} {why}: {reason}", job.task_id)
-        if followups:
-            self._deliver(followups)
-        exc = failure.rebuild(serialization.loads(meta)) if meta else WorkerLostError(reason)
-        self.app.emit("job_failed", exc, self._store_call(self.app.store.get, job.task_id) or job)
-
-    def _send_revoked(
-        self,
-        job: Job,
-        delivery: Delivery,
-        *,
-        terminated: bool,
-        signum: int | None,
-        expired: bool,
-    ) -> None:
-        """Celery's ``task_revoked`` signal, sent in the worker as Celery sends it."""
-        task = self.app.tasks.get(job.task_name)
-        if task is None:
-            return
-        request = Context(
-            id=job.task_id,
-            task=job.task_name,
-            args=job.args,
-            kwargs=job.kwargs,
-            retries=max(job.attempts - 1, 0),
-            root_id=job.root_id,
-            parent_id=job.parent_id,
-            group=job.group_id,
-            hostname=self.name,
-            delivery_info={"routing_key": delivery.queue, "exchange": delivery.queue},
-            called_directly=False,
-        )
-        signals.task_revoked.send(
-            sender=task, request=request, terminated=terminated, signum=signum, expired=expired
-        )
-
-    # -- scheduler -------------------------------------------------------------------
-
-    def _tick(self) -> None:
-        if time.monotonic() >= self._next_reconcile:
-            self._next_reconcile = time.monotonic() + self.heartbeat_interval
-            self._reconcile()
-        if time.monotonic() >= self._next_prune:
-            self._prune()
-        if time.monotonic() < self._next_tick:
-            return
-        self._next_tick = time.monotonic() + self.scheduler_interval
-        try:
-            count, errors = self.app.store.publish_due(self.app.publish_jobs)
-        except Exception as exc:  # broker or database down: try again next tick
-            logger.warning("scheduler: publishing due jobs failed (%r)", exc)
-            return
-        if count:
-            logger.info("scheduler: published %d due job(s)", count)
-        if errors:
-            logger.warning(
-                "scheduler: %d due job(s) not published, tried again next time (%r)",
-                len(errors),
-                errors[0],
-            )
-
-    def _prune(self) -> None:
-        """Retention: delete finished jobs older than ``prune_older_than`` (if set), a
-        batch per transaction, like ``heretic prune``."""
-        settings = self.app.settings
-        self._next_prune = time.monotonic() + settings.prune_interval
-        if not settings.prune_older_than:
-            return
-        try:
-            deleted = self.app.jobs.prune(
-                settings.prune_older_than, status=settings.prune_status_list
-            )
-        except Exception as exc:  # database down: the next round tries again
-            logger.warning("pruning failed (%r)", exc)
-            return
-        if deleted:
-            logger.info(
-                "pruned %d %s job(s) older than %s",
-                deleted,
-                "/".join(settings.prune_status_list),
-                settings.prune_older_than,
-            )
-
-    # -- leases and the reconciler -----------------------------------------------------
-
-    def _heartbeat_loop(self) -> None:
-        """Renew the lease of every running job, from a thread of its own so that a long
-        job in the solo pool (which blocks the main loop) still keeps its lease."""
-        while not self._heartbeat_stop.wait(self.heartbeat_interval):
-            try:
-                running = list(self._running)
-                self.app.store.heartbeat(running + list(self._unrecorded))
-                # Jobs revoked with terminate=True while running here: the main loop
-                # terminates them (a beat is how soon revoke(terminate=True) acts).
-                for task_id, error in self.app.store.revoked_among(running).items():
-                    if control.terminate_signal(error) is None:
-                        if error == REVOKE_REQUESTED:  # dropped if it has not started
-                            self._revocations.put((task_id, error))
-                        continue  # revoked some other way: its outcome will not be recorded
-                    self._revocations.put((task_id, error))
-                    if not self.pool.can_terminate and task_id not in self._cannot_terminate:
-                        self._cannot_terminate.add(task_id)
-                        logger.warning(
-                            "Task %s revoked with terminate=True, but the %s pool cannot"
-                            " terminate a running job: it runs to its end (its outcome is"
-                            " not recorded: the row says revoked)",
-                            task_id,
-                            type(self.pool).__name__,
-                        )
-            except Exception as exc:  # the next beat tries again; a lease has slack
-                logger.warning("heartbeat failed (%r)", exc)
-
-    def _reconcile(self) -> None:
-        """Retry jobs whose worker stopped renewing their lease, and republish rows left
-        ``pending`` by a producer whose publish failed or who died after the commit."""
-        store = self.app.store
-        try:
-            now = utcnow()
-            for row in store.find_lost(now - self.lease_timeout):
-                if not self._holds(row.task_id):
-                    self._release_lost(row, f"no heartbeat since {row.updated_at:%H:%M:%S}")
-                    self._next_tick = 0.0  # publish it with this loop turn's scheduler
-            requeued = store.requeue_stale_pending(now - self.pending_timeout)
-        except Exception as exc:  # database down: the next turn tries again
-            logger.warning("reconciler: %r", exc)
-            return
-        if requeued:
-            logger.warning("reconciler: %d job(s) left pending will be published", requeued)
-            self._next_tick = 0.0
+        self._settle.send_revoked(job, delivery, terminated=False, signum=None, expired=False)
 
     # -- database errors ---------------------------------------------------------
 
@@ -1102,95 +639,12 @@ class Worker:
         turn = self._turn
         return turn is not None and any(message.id == task_id for _, message in turn.batch)
 
-    def _store_call(self, method: Any, *args: Any) -> Any:
-        """Call a store method, retrying while the database is unreachable.
-
-        Nothing is acked meanwhile, so a worker cut off from its database holds its
-        messages rather than losing what happened to them.
-        """
-        pause = 0.2
-        while True:
-            try:
-                return method(*args)
-            except StoreError as exc:
-                logger.error("database unavailable (%s); retrying in %.1fs", exc, pause)
-                time.sleep(pause)
-                pause = min(pause * 2, 5.0)
-
-
-@dataclasses.dataclass
-class _Turn:
-    """A turn whose statement is in flight: the attempts it records (with their
-    results) and the accepted messages it claims."""
-
-    finished: list[tuple[Delivery, Job, dict[str, Any]]]
-    batch: list[tuple[Delivery, protocol.TaskMessage]]
-    results: list[AttemptResult]
-    future: concurrent.futures.Future[Any]
-
-
-class _StatementThread:
-    """Runs the worker's turn statements, one at a time, on a daemon thread of its own
-    (a statement stuck waiting for the database must not keep a stopping process up)."""
-
-    def __init__(self) -> None:
-        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, fn: Any, *args: Any) -> concurrent.futures.Future[Any]:
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        if self._thread is None:  # started on first use: after the pool's fork
-            self._thread = threading.Thread(target=self._run, name="heretic-turn", daemon=True)
-            self._thread.start()
-        self._calls.put((future, fn, args))
-        return future
-
-    @staticmethod
-    def call_here(fn: Any, *args: Any) -> concurrent.futures.Future[Any]:
-        """Run ``fn`` on the calling thread; its outcome as a done future."""
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        try:
-            future.set_result(fn(*args))
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._calls.put(None)
-
-    def _run(self) -> None:
-        while (call := self._calls.get()) is not None:
-            future, fn, args = call
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:
-                future.set_exception(exc)
-
 
 def expand_name(name: str) -> str:
     """Celery's node-name placeholders: ``%h`` host, ``%n`` short host, ``%d`` domain."""
     host = socket.gethostname()
     short, _, domain = host.partition(".")
     return name.replace("%h", host).replace("%n", short).replace("%d", domain)
-
-
-def _lost_result(error: str, line: str | None = None) -> AttemptResult:
-    exc = WorkerLostError(error)
-    return AttemptResult(
-        states.FAILED,
-        line or f"lost: {error}",
-        error=failure.summary(exc),
-        result=serialization.dumps(failure.describe(exc)),
-    )
-
-
-def _when(value: Any) -> float | dt.datetime | None:
-    if isinstance(value, str):
-        return dt.datetime.fromisoformat(value)
-    return value
 
 
 def _workflow_of(message: protocol.TaskMessage) -> serialization.RawJSON | None:
@@ -1203,8 +657,3 @@ def _workflow_of(message: protocol.TaskMessage) -> serialization.RawJSON | None:
     if not any(value is not None for value in workflow.values()):
         return None
     return serialization.dumps(workflow)
-
-
-def _header_id(delivery: Delivery) -> str | None:
-    value = (delivery.headers or {}).get("id")
-    return value if isinstance(value, str) else None

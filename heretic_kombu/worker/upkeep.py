@@ -1,0 +1,148 @@
+"""A worker's upkeep: the scheduler's tick, retention, leases and the reconciler.
+
+The tick (scheduler, prune, reconciler) runs from the worker's loop; the heartbeat,
+which renews the leases of the jobs claimed here, runs on a thread of its own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..store import Job, utcnow
+from .gates import Revocations
+
+if TYPE_CHECKING:
+    from ..app import Heretic
+
+logger = logging.getLogger("heretic_kombu.worker")
+
+
+class Upkeep:
+    """Scheduler, prune, reconciler and heartbeat of one worker.
+
+    ``running`` and ``unrecorded`` name the jobs whose lease this worker renews (they
+    run here, or have ended with their outcome not committed yet); ``holds`` tells
+    whether this worker holds a job's lease; ``release_lost`` makes a lost attempt due
+    again (or fails it).
+    """
+
+    def __init__(
+        self,
+        app: Heretic,
+        *,
+        running: Callable[[], list[str]],
+        unrecorded: Callable[[], list[str]],
+        holds: Callable[[str], bool],
+        release_lost: Callable[[Job, str], bool],
+        revocations: Revocations,
+    ) -> None:
+        settings = app.settings
+        self._app = app
+        self._running = running
+        self._unrecorded = unrecorded
+        self._holds = holds
+        self._release_lost = release_lost
+        self._revocations = revocations
+        self.scheduler_interval = settings.scheduler_interval
+        self.heartbeat_interval = settings.heartbeat_interval
+        self.lease_timeout = dt.timedelta(seconds=settings.lease_timeout)
+        self.pending_timeout = dt.timedelta(seconds=settings.pending_timeout)
+        self._next_prune = time.monotonic() + min(60.0, settings.prune_interval)
+        self._next_reconcile = 0.0
+        #: When the scheduler next publishes due jobs (monotonic).
+        self.next_tick = 0.0
+        self._heartbeat_stop = threading.Event()
+
+    def publish_soon(self) -> None:
+        """Have the scheduler publish due jobs with this loop turn, not at its next tick."""
+        self.next_tick = 0.0
+
+    # -- scheduler -------------------------------------------------------------------
+
+    def tick(self) -> None:
+        if time.monotonic() >= self._next_reconcile:
+            self._next_reconcile = time.monotonic() + self.heartbeat_interval
+            self._reconcile()
+        if time.monotonic() >= self._next_prune:
+            self._prune()
+        if time.monotonic() < self.next_tick:
+            return
+        self.next_tick = time.monotonic() + self.scheduler_interval
+        try:
+            count, errors = self._app.store.publish_due(self._app.publish_jobs)
+        except Exception as exc:  # broker or database down: try again next tick
+            logger.warning("scheduler: publishing due jobs failed (%r)", exc)
+            return
+        if count:
+            logger.info("scheduler: published %d due job(s)", count)
+        if errors:
+            logger.warning(
+                "scheduler: %d due job(s) not published, tried again next time (%r)",
+                len(errors),
+                errors[0],
+            )
+
+    def _prune(self) -> None:
+        """Retention: delete finished jobs older than ``prune_older_than`` (if set), a
+        batch per transaction, like ``heretic prune``."""
+        settings = self._app.settings
+        self._next_prune = time.monotonic() + settings.prune_interval
+        if not settings.prune_older_than:
+            return
+        try:
+            deleted = self._app.jobs.prune(
+                settings.prune_older_than, status=settings.prune_status_list
+            )
+        except Exception as exc:  # database down: the next round tries again
+            logger.warning("pruning failed (%r)", exc)
+            return
+        if deleted:
+            logger.info(
+                "pruned %d %s job(s) older than %s",
+                deleted,
+                "/".join(settings.prune_status_list),
+                settings.prune_older_than,
+            )
+
+    # -- leases and the reconciler -----------------------------------------------------
+
+    def heartbeat_thread(self) -> threading.Thread:
+        """The heartbeat's thread, not started; :meth:`stop` ends it."""
+        return threading.Thread(target=self._heartbeat_loop, name="heretic-heartbeat", daemon=True)
+
+    def stop(self) -> None:
+        self._heartbeat_stop.set()
+
+    def _heartbeat_loop(self) -> None:
+        """Renew the lease of every running job, from a thread of its own so that a long
+        job in the solo pool (which blocks the main loop) still keeps its lease."""
+        while not self._heartbeat_stop.wait(self.heartbeat_interval):
+            try:
+                running = self._running()
+                self._app.store.heartbeat(running + self._unrecorded())
+                self._revocations.look(running)
+            except Exception as exc:  # the next beat tries again; a lease has slack
+                logger.warning("heartbeat failed (%r)", exc)
+
+    def _reconcile(self) -> None:
+        """Retry jobs whose worker stopped renewing their lease, and republish rows left
+        ``pending`` by a producer whose publish failed or who died after the commit."""
+        store = self._app.store
+        try:
+            now = utcnow()
+            for row in store.find_lost(now - self.lease_timeout):
+                if not self._holds(row.task_id):
+                    self._release_lost(row, f"no heartbeat since {row.updated_at:%H:%M:%S}")
+                    self.next_tick = 0.0  # publish it with this loop turn's scheduler
+            requeued = store.requeue_stale_pending(now - self.pending_timeout)
+        except Exception as exc:  # database down: the next turn tries again
+            logger.warning("reconciler: %r", exc)
+            return
+        if requeued:
+            logger.warning("reconciler: %d job(s) left pending will be published", requeued)
+            self.next_tick = 0.0
