@@ -9,10 +9,10 @@ from __future__ import annotations
 from . import exceptions, states
 from .__about__ import __version__
 from .app import Celery, Heretic, Job, current_app
-from .canvas import Signature, chain, chord, group, signature, subtask
 from .exceptions import HereticKombuError, MaxRetriesExceededError, Retry
 from .result import AsyncResult, EagerResult, GroupResult
 from .schedules import crontab, schedule
+from .signatures import Signature, chain, chord, group, signature, subtask
 from .task import Task, shared_task
 
 __all__ = [

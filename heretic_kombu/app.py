@@ -23,15 +23,20 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from . import canvas, protocol, result, serialization, signals, states
+from . import canvas, execution, protocol, result, serialization, signals, states
 from . import retry as retry_policy
 from . import transaction as _transaction
 from .broker import Broker
 from .broker.core import Outgoing
 from .builtins import register_builtins
 from .config import Settings, refuse_non_json
+from .control import Control
+from .core import registry
+from .core.context import current_request
+from .core.protocols import RunnableTask
+from .core.registry import register_shared as register_shared
 from .exceptions import (
     BrokerError,
     ConfigurationError,
@@ -40,26 +45,22 @@ from .exceptions import (
     PublishError,
     QueueMismatchError,
 )
+from .jobs import Jobs
 from .result import AsyncResult
 from .routing import route
 from .sender import Sender, stays_pending
+from .signatures import Signature, signature
 from .store import Job as JobRow
 from .store import JobStore, NewJob, utcnow
-from .task import Task, current_request, make_task
+from .task import Task, make_task
 from .transaction import current_outbox
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
-    from .jobs import Jobs
-
 logger = logging.getLogger("heretic_kombu")
 
 EVENTS = ("job_error", "job_failed")
-
-_shared_tasks: list[Task] = []
-_apps: list[Heretic] = []
-_default_app_lock = threading.Lock()
 
 
 class Config(dict):  # type: ignore[type-arg]
@@ -82,7 +83,7 @@ class Config(dict):  # type: ignore[type-arg]
         super().__setitem__(key, value)
         self._owner._settings_changed()
 
-    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def update(self, *args: Any, **kwargs: Any) -> None:
         super().update(*args, **kwargs)
         self._owner._settings_changed()
 
@@ -125,10 +126,10 @@ class Heretic:
         if database_url:
             self.conf["database_url"] = database_url
         self.conf.update(settings)
-        for task in _shared_tasks:
-            self._register(task, bound=False)
+        for task in registry.shared_tasks():
+            self.register_task(task)
         register_builtins(self)
-        _apps.append(self)
+        registry.add_app(self)
 
     def __repr__(self) -> str:
         return f"<Heretic {self.main or '__main__'}>"
@@ -171,8 +172,6 @@ class Heretic:
     @property
     def jobs(self) -> Jobs:
         """The job history: ``app.jobs.search(...)``, ``.get()``, ``.retry()``…"""
-        from .jobs import Jobs
-
         return Jobs(self)
 
     @property
@@ -198,11 +197,9 @@ class Heretic:
         return self._broker
 
     @property
-    def control(self) -> Any:
+    def control(self) -> Control:
         """Celery's ``app.control``: ``revoke(task_id, terminate=, signal=)``, answered by
         the job table (see :mod:`heretic_kombu.control`)."""
-        from .control import Control
-
         return Control(self)
 
     def close(self) -> None:
@@ -230,6 +227,12 @@ class Heretic:
         if len(args) == 1 and callable(args[0]) and not options:
             return decorate(args[0])
         return decorate
+
+    def register_task(self, task: RunnableTask) -> None:
+        """Add a task that is not the app's own (a ``@shared_task`` or a built-in) by its
+        name, silently replacing one of the same name."""
+        # Every task is a Task (make_task builds them); core only names it by protocol.
+        self._register(cast(Task, task), bound=False)
 
     def _register(self, task: Task, bound: bool) -> None:
         existing = self.tasks.get(task.name)
@@ -375,12 +378,13 @@ class Heretic:
         if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
             raise TypeError("kwargs must be a dict with string keys")
         if self.settings.always_eager and name in self.tasks:
-            return self._run_eagerly(name, args, kwargs, task_id)
-        sig = canvas.Signature(name, args, kwargs, app=self)
+            # An EagerResult: AsyncResult's stand-in for a job run here.
+            return self._run_eagerly(name, args, kwargs, task_id)  # type: ignore[no-any-return]
+        sig = Signature(name, args, kwargs, app=self)
         for callback in _as_list(options.pop("link", None)):
-            sig.link(canvas.signature(callback, app=self))
+            sig.link(signature(callback, app=self))
         for errback in _as_list(options.pop("link_error", None)):
-            sig.link_error(canvas.signature(errback, app=self))
+            sig.link_error(signature(errback, app=self))
         sig.set(
             task_id=task_id,
             countdown=countdown,
@@ -468,14 +472,18 @@ class Heretic:
             workflow=workflow,
         )
 
-    def apply_signature(self, sig: canvas.Signature) -> Any:
+    def apply_signature(self, sig: Signature, *, eager: bool | None = None) -> Any:
         """Send a signature (a task, chain, group or chord): every row it needs is
-        written in one transaction, then the messages are published."""
-        if self.settings.always_eager:
-            return canvas.apply_eagerly(sig)
+        written in one transaction, then the messages are published.
+
+        With ``eager`` (by default the ``task_always_eager`` setting), run it in this
+        process instead (``signature.apply()``) and return its ``EagerResult``.
+        """
+        if self.settings.always_eager if eager is None else eager:
+            return execution.apply_eagerly(sig)
         return self._send(sig)
 
-    def _send(self, sig: canvas.Signature) -> Any:
+    def _send(self, sig: Signature) -> Any:
         """Plan ``sig`` under the task sending it (if any), write, publish."""
         parent = current_request()
         lineage = canvas.Lineage()
@@ -631,7 +639,7 @@ class Heretic:
             priority=job.priority,
             embed={key: workflow.get(key) for key in canvas.LINKS},
             group_index=workflow.get("group_index"),
-            timelimit=tuple(workflow.get("timelimit") or (None, None)),  # type: ignore[arg-type]
+            timelimit=tuple(workflow.get("timelimit") or (None, None)),
         )
         body, headers, properties = protocol.encode(message)
         route = {"exchange": job.queue_name, "routing_key": job.queue_name}
@@ -705,25 +713,23 @@ def _check_options(options: dict[str, Any]) -> None:
         raise ConfigurationError(f"serializer={serializer!r} refused: heretic_kombu is JSON only")
 
 
-def register_shared(task: Task) -> None:
-    """Add a ``@shared_task`` to every app, present and future."""
-    _shared_tasks.append(task)
-    for app in _apps:
-        app._register(task, bound=False)
-
-
 def current_app() -> Heretic:
     """The app a task without its own app uses: the latest created, else a default one.
 
     The default app reads only the environment (``HERETIC_*``), so a module that uses
-    nothing but ``@shared_task`` works unchanged.
+    nothing but ``@shared_task`` works unchanged. (The registry is
+    :mod:`heretic_kombu.core.registry`; this is its answer typed as :class:`Heretic`.)
     """
-    if _apps:
-        return _apps[-1]
-    with _default_app_lock:
-        if not _apps:
-            Heretic("default")
-    return _apps[-1]
+    # Only Heretic registers itself as an app (in __init__), so the answer is one.
+    return cast(Heretic, registry.current_app())
+
+
+def _default_app() -> Heretic:
+    """The app :func:`current_app` builds when none exists: from the environment only."""
+    return Heretic("default")
+
+
+registry.set_default_app_factory(_default_app)
 
 
 def find_app(name: str) -> Heretic:

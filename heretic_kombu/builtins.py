@@ -6,15 +6,14 @@ heretic worker, and messages a Celery client sends for them do too.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .core.protocols import AppLike
+from .signatures import signature
 from .task import make_task
 
-if TYPE_CHECKING:
-    from .app import Heretic
 
-
-def register_builtins(app: Heretic) -> None:
+def register_builtins(app: AppLike) -> None:
     """Add the built-in tasks to ``app``."""
 
     def starmap(task: dict[str, Any], it: list[list[Any]]) -> list[Any]:
@@ -28,11 +27,9 @@ def register_builtins(app: Heretic) -> None:
         return [body(item) for item in it]
 
     for name, fun in (("celery.starmap", starmap), ("celery.map", map_)):
-        app._register(make_task(fun, app=app, name=name, typing=False), bound=False)
+        app.register_task(make_task(fun, app=app, name=name, typing=False))
 
 
-def _body(app: Heretic, task: dict[str, Any]) -> Any:
-    from .canvas import signature
-
+def _body(app: AppLike, task: dict[str, Any]) -> Any:
     sig = signature(task, app=app)
     return sig.type

@@ -18,6 +18,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .exceptions import ConfigurationError
+from .ratelimit import parse_rate
+from .search import parse_duration
 
 ENV_PREFIX = "HERETIC_"
 
@@ -196,8 +198,6 @@ class Settings:
                     f"{name} ({env_var(name)}) must be a number of seconds > 0"
                 )
         if self.prune_older_than:
-            from .search import parse_duration
-
             try:
                 parse_duration(self.prune_older_than)
             except ValueError as exc:
@@ -212,8 +212,6 @@ class Settings:
                 f" ({', '.join(finished)}), not {self.prune_statuses!r}"
             )
         if self.default_rate_limit:
-            from .ratelimit import parse_rate
-
             try:
                 parse_rate(self.default_rate_limit)
             except ValueError as exc:

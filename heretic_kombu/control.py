@@ -28,12 +28,10 @@ import logging
 import re
 import signal as _signal
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .core.protocols import StoreOwner
 from .protocol import check_task_id
-
-if TYPE_CHECKING:
-    from .app import Heretic
 
 logger = logging.getLogger("heretic_kombu")
 
@@ -79,9 +77,13 @@ def terminate_signal(error: str | None) -> int | None:
 
 
 class Control:
-    """Celery's ``app.control`` for what a job table can answer: ``revoke``/``terminate``."""
+    """Celery's ``app.control`` for what a job table can answer: ``revoke``/``terminate``.
 
-    def __init__(self, app: Heretic) -> None:
+    It needs nothing of its app but the job store (read at each call: the app builds a
+    new store after its settings change).
+    """
+
+    def __init__(self, app: StoreOwner) -> None:
         self.app = app
 
     def revoke(

@@ -1,10 +1,14 @@
-"""Running one attempt of a task and describing how it ended.
+"""Running a task: one attempt and how it ended, and eager runs in the caller's process.
 
 :func:`execute` is what a pool slot runs (in a prefork child, a thread, or inline). It
 takes and returns plain JSON-able dicts, so nothing but JSON ever crosses the pipe to a
 child process. It never raises: every ending (success, retry, failure) becomes an
 outcome for the worker to record. Autoretry (``autoretry_for`` + ``retry_backoff``) is
 applied here, exactly as Celery wraps a task's ``run``.
+
+Eager runs (``task.apply()``, ``signature.apply()``, ``task_always_eager``) run the same
+attempts here, retries included (:func:`run_eagerly`), and follow a canvas's links,
+chains, groups and chords in this process (:func:`apply_eagerly`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import failure, serialization, signals, states
 from . import retry as retry_policy
+from .core.context import Context
+from .core.protocols import AppLike, RunnableTask
 from .exceptions import (
     EncodeError,
     Ignore,
@@ -31,11 +37,8 @@ from .exceptions import (
     SoftTimeLimitExceeded,
 )
 from .protocol import new_task_id
-from .task import Context, Task
-
-if TYPE_CHECKING:
-    from .app import Heretic
-    from .result import EagerResult
+from .result import EagerResult, GroupResult
+from .signatures import Signature, chain, chord, group, signature, upgrade_chain
 
 logger = logging.getLogger("heretic_kombu.worker")
 
@@ -66,7 +69,7 @@ REJECTED = Outcome.REJECTED
 IGNORED = Outcome.IGNORED
 
 
-def execute(app: Heretic, call: dict[str, Any]) -> dict[str, Any]:
+def execute(app: AppLike, call: dict[str, Any]) -> dict[str, Any]:
     """Run one attempt described by ``call``; return its outcome (never raises)."""
     started = time.perf_counter()
     try:
@@ -98,9 +101,9 @@ def execute(app: Heretic, call: dict[str, Any]) -> dict[str, Any]:
     return outcome
 
 
-def run_task(task: Task, request: Context) -> dict[str, Any]:
+def run_task(task: RunnableTask, request: Context) -> dict[str, Any]:
     """Run ``task`` under ``request``, with Celery's task signals; return the outcome dict."""
-    task._push(request)
+    task.push_request(request)
     try:
         signals.task_prerun.send(
             sender=task, task_id=request.id, task=task, args=request.args, kwargs=request.kwargs
@@ -113,10 +116,10 @@ def run_task(task: Task, request: Context) -> dict[str, Any]:
             _announce(task, request, value, outcome)
         return outcome
     finally:
-        task._pop()
+        task.pop_request()
 
 
-def _attempt(task: Task, request: Context) -> tuple[Any, dict[str, Any]]:
+def _attempt(task: RunnableTask, request: Context) -> tuple[Any, dict[str, Any]]:
     try:
         try:
             with _soft_time_limit(task, request):
@@ -141,7 +144,7 @@ def _attempt(task: Task, request: Context) -> tuple[Any, dict[str, Any]]:
         return None, _failed(exc, exc)
 
 
-def _announce(task: Task, request: Context, value: Any, outcome: dict[str, Any]) -> None:
+def _announce(task: RunnableTask, request: Context, value: Any, outcome: dict[str, Any]) -> None:
     """Send task_success / task_retry / task_failure, then task_postrun, as Celery does."""
     status = outcome["status"]
     einfo = outcome.get("traceback")
@@ -182,7 +185,7 @@ def _announce(task: Task, request: Context, value: Any, outcome: dict[str, Any])
     )
 
 
-def _announce_predicate(task: Task, request: Context, outcome: dict[str, Any]) -> None:
+def _announce_predicate(task: RunnableTask, request: Context, outcome: dict[str, Any]) -> None:
     """Signals for an attempt that raised Reject or Ignore, as Celery sends them: a
     Reject without requeue is a failure (``task_failure``); then ``task_postrun`` with
     Celery's state ``REJECTED`` or ``IGNORED``."""
@@ -211,7 +214,7 @@ def _announce_predicate(task: Task, request: Context, outcome: dict[str, Any]) -
     )
 
 
-def announce_hard_time_limit(app: Heretic, call: dict[str, Any], exc: BaseException) -> None:
+def announce_hard_time_limit(app: AppLike, call: dict[str, Any], exc: BaseException) -> None:
     """In the worker, after the pool killed a job at its hard time limit: Celery's
     ``on_failure`` and ``after_return`` hooks and ``task_failure`` (the child that would
     have sent them is gone)."""
@@ -233,7 +236,7 @@ def announce_hard_time_limit(app: Heretic, call: dict[str, Any], exc: BaseExcept
 
 
 @contextlib.contextmanager
-def _soft_time_limit(task: Task, request: Context) -> Iterator[None]:
+def _soft_time_limit(task: RunnableTask, request: Context) -> Iterator[None]:
     """Raise :class:`SoftTimeLimitExceeded` inside the body after the soft time limit.
 
     Uses ``SIGALRM``, which only the main thread of a process can receive: a prefork
@@ -287,11 +290,9 @@ def _hook(method: Any, *args: Any) -> None:
 
 
 def run_eagerly(
-    task: Task, args: list[Any], kwargs: dict[str, Any], task_id: str | None = None
+    task: RunnableTask, args: list[Any], kwargs: dict[str, Any], task_id: str | None = None
 ) -> EagerResult:
     """Run ``task`` here until it succeeds or fails for good (``task.apply()``)."""
-    from .result import EagerResult
-
     task_id = task_id or new_task_id()
     max_attempts = retry_policy.max_attempts_for(task.max_retries)
     retries = 0
@@ -327,7 +328,35 @@ def run_eagerly(
         )
 
 
-def _autoretry(task: Task, exc: Exception) -> None:
+def apply_eagerly(sig: Signature) -> Any:
+    """Run a signature and what follows it in this process; return the last result."""
+    if isinstance(sig, chain):
+        value: Any = None
+        result: Any = None
+        for index, step in enumerate(upgrade_chain(sig.tasks, sig.app)):
+            result = apply_eagerly(step.clone([value]) if index else step)
+            value = result.get(propagate=True) if hasattr(result, "get") else result
+        return result
+    if isinstance(sig, group):
+        members = [apply_eagerly(member) for member in sig.tasks]
+        return GroupResult(sig.id or new_task_id(), members, app=sig.app)
+    if isinstance(sig, chord):
+        header = apply_eagerly(sig.header)
+        body = sig.body
+        assert body is not None
+        return apply_eagerly(body.clone([header.get()]))
+    options = sig.options
+    outcome: EagerResult = sig.type.apply(sig.args, sig.kwargs, task_id=options.get("task_id"))
+    followers = options.get("link" if outcome.successful() else "link_error") or ()
+    for follower in followers:
+        argument = outcome.result if outcome.successful() else outcome.id
+        apply_eagerly(signature(follower, app=sig.app).clone([argument]))
+    if outcome.failed() and sig.app.settings.eager_propagates:
+        raise outcome.result  # Celery's task_eager_propagates, for canvases as for tasks
+    return outcome
+
+
+def _autoretry(task: RunnableTask, exc: Exception) -> None:
     """Turn ``exc`` into a retry when the task's autoretry options cover it."""
     if not task.autoretry_for or not isinstance(exc, task.autoretry_for):
         return

@@ -15,19 +15,19 @@ from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .broker.deadletters import DeadLetter, DeadLetters
+from .core.protocols import AppLike
 from .exceptions import MalformedMessage
 from .search import JobQuery, Page, moment, parse_duration
 from .store.history import RETRYABLE, History, Stats
 
 if TYPE_CHECKING:
-    from .app import Heretic
     from .store import Job
 
 
 class Jobs:
     """The job history of one app."""
 
-    def __init__(self, app: Heretic) -> None:
+    def __init__(self, app: AppLike) -> None:
         self.app = app
 
     @property

@@ -12,21 +12,21 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import failure, states
+from .core.context import PROGRESS_KEY as PROGRESS_KEY
+from .core.context import current_request as current_request
+from .core.protocols import AppLike
+from .core.registry import current_app
 from .exceptions import HereticKombuError, TaskRevokedError, TimeoutError
-from .task import PROGRESS_KEY, current_request
 
 if TYPE_CHECKING:
-    from .app import Heretic
     from .store import Job
 
 
 class AsyncResult:
     """The state and outcome of one job, by task id."""
 
-    def __init__(self, id: str, app: Heretic | None = None, task_name: str | None = None) -> None:
+    def __init__(self, id: str, app: AppLike | None = None, task_name: str | None = None) -> None:
         if app is None:
-            from .app import current_app
-
             app = current_app()
         self.id = str(id)
         self.app = app
@@ -226,7 +226,7 @@ class AsyncResult:
 class GroupResult:
     """The results of a group's jobs, in the group's order (Celery's ``GroupResult``)."""
 
-    def __init__(self, id: str, results: list[Any], app: Heretic | None = None) -> None:
+    def __init__(self, id: str, results: list[Any], app: AppLike | None = None) -> None:
         self.id = id
         self.results = list(results)
         self.app = app

@@ -1,9 +1,10 @@
-"""Task, ``shared_task`` and the per-call ``request``: Celery's task API.
+"""Task and ``shared_task``: Celery's task API.
 
 A task is an instance of a :class:`Task` subclass made from a function by
 ``@app.task`` or ``@shared_task``. ``.delay()``/``.apply_async()`` hand the call to the
 app, which writes the row and publishes; calling the task directly runs the function
-here, as in Celery. ``self.request`` and ``self.retry()`` work inside a running task.
+here, as in Celery. ``self.request`` and ``self.retry()`` work inside a running task;
+the request itself (:class:`Context`) lives in :mod:`heretic_kombu.core.context`.
 """
 
 from __future__ import annotations
@@ -12,58 +13,21 @@ import datetime as dt
 import inspect
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import retry as retry_policy
+from . import serialization
+from .core import context
+from .core.context import PROGRESS_KEY as PROGRESS_KEY
+from .core.context import Context as Context
+from .core.context import current_request as current_request
+from .core.protocols import AppLike
+from .core.registry import current_app, register_shared
 from .exceptions import ConfigurationError, MaxRetriesExceededError, Retry
-
-if TYPE_CHECKING:
-    from .app import Heretic
-    from .canvas import Signature
-    from .result import AsyncResult
-
-
-class Context:
-    """``task.request``: what is known about the call being executed."""
-
-    id: str | None = None
-    args: list[Any] = []  # noqa: RUF012 - read-only defaults, replaced per call
-    kwargs: dict[str, Any] = {}  # noqa: RUF012
-    retries: int = 0
-    eta: dt.datetime | None = None
-    expires: dt.datetime | None = None
-    hostname: str | None = None
-    delivery_info: dict[str, Any] = {}  # noqa: RUF012
-    root_id: str | None = None
-    parent_id: str | None = None
-    group: str | None = None
-    called_directly: bool = True
-    is_eager: bool = False
-    task: str | None = None
-    #: heretic: the row's id and attempt limit.
-    job_id: int | None = None
-    max_attempts: int | None = None
-    #: Celery's (hard, soft) time limits of this call, in seconds.
-    timelimit: tuple[float | None, float | None] | None = None
-
-    def __init__(self, **fields: Any) -> None:
-        for key, value in fields.items():
-            setattr(self, key, value)
-
-    def __repr__(self) -> str:
-        return f"<Context id={self.id} retries={self.retries}>"
-
-
-_current = threading.local()
-
-#: Key of the ``result`` object that holds a running job's ``update_state`` progress.
-PROGRESS_KEY = "progress_state"
-
-
-def current_request() -> Context | None:
-    """The request of the task running in this thread, if any (for lineage and checks)."""
-    stack = getattr(_current, "stack", None)
-    return stack[-1] if stack else None
+from .execution import run_eagerly
+from .ratelimit import parse_rate
+from .result import AsyncResult
+from .signatures import Signature, group
 
 
 class Task:
@@ -73,7 +37,7 @@ class Task:
     """
 
     name: str = ""
-    app: Heretic | None = None
+    app: AppLike | None = None
     typing: bool = True
     max_retries: int | None = 3
     default_retry_delay: float = 180
@@ -115,11 +79,13 @@ class Task:
         stack = self._request_stack()
         if stack:  # already inside a worker/eager call that pushed the request
             return self.run(*args, **kwargs)
-        self._push(Context(args=list(args), kwargs=kwargs, called_directly=True, task=self.name))
+        self.push_request(
+            Context(args=list(args), kwargs=kwargs, called_directly=True, task=self.name)
+        )
         try:
             return self.run(*args, **kwargs)
         finally:
-            self._pop()
+            self.pop_request()
 
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """Send the task with these arguments: ``apply_async(args, kwargs)``."""
@@ -148,7 +114,7 @@ class Task:
         if self.typing:
             self._check_arguments(args, kwargs)
         app = self._get_app()
-        return app.send_task(
+        sent: AsyncResult = app.send_task(
             self.name,
             args,
             kwargs,
@@ -161,6 +127,7 @@ class Task:
             max_attempts=retry_policy.max_attempts_for(self.max_retries),
             **options,
         )
+        return sent
 
     # -- signatures (canvas) -------------------------------------------------
 
@@ -168,8 +135,6 @@ class Task:
         self, args: Any = None, kwargs: Any = None, *starargs: Any, **options: Any
     ) -> Signature:
         """A signature of this task with these arguments and options (``.s()`` spelled out)."""
-        from .canvas import Signature
-
         immutable = options.pop("immutable", False)
         return Signature(self, args, kwargs, options, immutable=immutable, app=self._get_app())
 
@@ -185,21 +150,15 @@ class Task:
 
     def starmap(self, it: Any) -> Signature:
         """One job calling this task once per argument tuple of ``it`` (Celery's starmap)."""
-        from .canvas import Signature
-
         arguments = {"task": self.s(), "it": [list(a) for a in it]}
         return Signature("celery.starmap", (), arguments, app=self._get_app())
 
     def map(self, it: Any) -> Signature:
         """One job calling this task once per item of ``it`` (Celery's map)."""
-        from .canvas import Signature
-
         return Signature("celery.map", (), {"task": self.s(), "it": list(it)}, app=self._get_app())
 
     def chunks(self, it: Any, n: int) -> Any:
         """A group of starmap jobs over ``it`` in chunks of ``n`` (Celery's chunks)."""
-        from .canvas import group
-
         items = [list(a) for a in it]
         return group(
             *(self.starmap(items[i : i + n]) for i in range(0, len(items), n)), app=self._get_app()
@@ -207,12 +166,11 @@ class Task:
 
     def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's name
         """The result handle of ``task_id``."""
-        return self._get_app().AsyncResult(task_id)
+        handle: AsyncResult = self._get_app().AsyncResult(task_id)
+        return handle
 
     def apply(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         """Run the task here, eagerly, with retries; return an ``EagerResult``."""
-        from .execution import run_eagerly
-
         return run_eagerly(self, list(args or ()), dict(kwargs or {}), options.get("task_id"))
 
     def update_state(
@@ -224,8 +182,6 @@ class Task:
     ) -> None:
         """Publish progress of the running job: ``AsyncResult.state`` becomes ``state``
         and ``.info`` becomes ``meta`` until the attempt ends (Celery's update_state)."""
-        from . import serialization
-
         task_id = task_id or self.request.id
         if task_id is None or self.request.is_eager:
             return
@@ -331,11 +287,9 @@ class Task:
 
     # -- internals ------------------------------------------------------------
 
-    def _get_app(self) -> Heretic:
+    def _get_app(self) -> AppLike:
         if self.app is not None:
             return self.app
-        from .app import current_app
-
         return current_app()
 
     def _request_stack(self) -> list[Context]:
@@ -344,15 +298,16 @@ class Task:
             stack = self._local.stack = []
         return stack
 
-    def _push(self, request: Context) -> None:
+    def push_request(self, request: Context) -> None:
+        """Make ``request`` this task's current request, and this thread's (the worker
+        and eager runs call this before the body runs)."""
         self._request_stack().append(request)
-        if not hasattr(_current, "stack"):
-            _current.stack = []
-        _current.stack.append(request)
+        context.push(request)
 
-    def _pop(self) -> None:
+    def pop_request(self) -> None:
+        """End the request pushed last (after the body ran)."""
         self._request_stack().pop()
-        _current.stack.pop()
+        context.pop()
 
     def _check_arguments(self, args: list[Any], kwargs: dict[str, Any]) -> None:
         run = self.run
@@ -379,7 +334,7 @@ class Task:
 def make_task(
     fun: Callable[..., Any],
     *,
-    app: Heretic | None,
+    app: AppLike | None,
     name: str | None = None,
     base: type[Task] | None = None,
     bind: bool = False,
@@ -411,8 +366,6 @@ def make_task(
 def check_runtime_options(task_name: str, options: dict[str, Any]) -> None:
     """Raise ``ValueError`` for a ``rate_limit``, ``time_limit`` or ``soft_time_limit``
     no worker could apply, when the task is declared rather than when it runs."""
-    from .ratelimit import parse_rate
-
     if options.get("rate_limit") is not None:
         try:
             parse_rate(options["rate_limit"])
@@ -439,7 +392,6 @@ def shared_task(*args: Any, **options: Any) -> Any:
     (``HERETIC_DATABASE_URL``, ``HERETIC_BROKER_URL``…), so a Celery tasks module works
     after changing only its import line.
     """
-    from .app import register_shared
 
     def decorate(fun: Callable[..., Any]) -> Task:
         task = make_task(fun, app=None, **options)
