@@ -18,7 +18,7 @@ from .. import control, signals
 from ..broker import Delivery
 from ..ratelimit import TokenBucket, parse_rate
 from ..store import Job
-from ..store.jobstore import REVOKE_REQUESTED
+from ..store import REVOKE_REQUESTED
 from ..task import Context
 from .pool import Pool
 

@@ -163,7 +163,7 @@ class _Handshake:
     def has_started(self, number: int) -> bool:
         """In the parent: whether the child has started call ``number`` (a plain read:
         the answer may be late, never early)."""
-        return self.numbers[0] >= number
+        return bool(self.numbers[0] >= number)
 
     def withdraw(self, number: int) -> bool:
         """In the parent: take call ``number`` back; ``False`` if it has started (or the
@@ -402,7 +402,7 @@ class PreforkPool(Pool):
                 with self._lock:
                     self._dispatch()  # a call held ahead behind a job grown long moves on
             for item in ready:
-                child = by_conn.get(item) or by_sentinel.get(item)  # type: ignore[call-overload,arg-type]
+                child = by_conn.get(item) or by_sentinel.get(item)  # type: ignore[arg-type]
                 if child is None or child.dead:
                     continue
                 if item in by_conn:
