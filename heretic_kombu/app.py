@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from . import canvas, execution, protocol, result, serialization, signals, states
+from . import canvas, execution, protocol, result, serialization, signals
 from . import retry as retry_policy
 from . import transaction as _transaction
 from .broker import Broker
@@ -50,6 +50,7 @@ from .result import AsyncResult
 from .routing import route
 from .sender import Sender, stays_pending
 from .signatures import Signature, signature
+from .status import Status
 from .store import Job as JobRow
 from .store import JobStore, NewJob, utcnow
 from .task import Task, make_task
@@ -462,7 +463,7 @@ class Heretic:
             queue_name=queue_name,
             payload=payload,
             max_attempts=max_attempts,
-            status=states.SCHEDULED if scheduled else states.PENDING,
+            status=Status.SCHEDULED if scheduled else Status.PENDING,
             eta=run_at if scheduled else None,
             expires_at=expires_at,
             priority=priority,
@@ -531,7 +532,7 @@ class Heretic:
             QueueMismatchError: RabbitMQ holds a row's queue with other arguments; the
                 rows of that queue are failed with this error, the others published.
         """
-        due = [row for row in rows if row.status == states.PENDING]
+        due = [row for row in rows if row.status == Status.PENDING]
         if not due:
             return
         errors = self.publish_jobs(due)
@@ -565,7 +566,7 @@ class Heretic:
         Raises:
             QueueMismatchError: see :meth:`deliver_all`.
         """
-        if row.status != states.PENDING:
+        if row.status != Status.PENDING:
             return  # scheduled: a worker's scheduler publishes it when due
         message, published = self._prepare(row)
         try:

@@ -31,9 +31,10 @@ from collections.abc import Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from . import serialization, signals, states
+from . import serialization, signals
 from .exceptions import ConfigurationError, HereticKombuError
 from .schedules import BaseSchedule, crontab, maybe_schedule
+from .status import Status
 from .store import BeatStore, EntrySpec, EntryState, Firing, NewJob, utcnow
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ class Beat:
             task_id=firing_id(entry.name, due),
             **entry.options,
         )
-        if job.status == states.PENDING:
+        if job.status == Status.PENDING:
             # The row's eta is the due time, so `created_at - eta` shows how late it fired.
             job = dataclasses.replace(job, eta=due)
         return job

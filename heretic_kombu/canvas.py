@@ -19,7 +19,7 @@ import dataclasses
 import itertools
 from typing import TYPE_CHECKING, Any
 
-from . import failure, protocol, serialization, states
+from . import failure, protocol, serialization
 from .core.protocols import AppLike
 from .exceptions import ChordError
 from .execution import apply_eagerly as apply_eagerly
@@ -32,6 +32,7 @@ from .signatures import maybe_signature as maybe_signature
 from .signatures import signature as signature
 from .signatures import subtask as subtask
 from .signatures import upgrade_chain
+from .status import Status
 from .store import NextSteps
 
 if TYPE_CHECKING:
@@ -230,7 +231,7 @@ def next_steps(app: AppLike, job: Job, status: str, value: Any, error: str | Non
     workflow = job.workflow or {}
     lineage = Lineage(parent_id=job.task_id, root_id=job.root_id or job.task_id)
     planned = Plan()
-    if status == states.SUCCEEDED:
+    if status == Status.SUCCEEDED:
         for callback in workflow.get("callbacks") or ():
             planned.extend(plan(app, signature(callback, app=app).clone([value]), lineage)[0])
         steps = list(workflow.get("chain") or ())
@@ -239,7 +240,7 @@ def next_steps(app: AppLike, job: Job, status: str, value: Any, error: str | Non
             if steps:
                 _continue_with(following, steps)
             planned.extend(plan(app, following, lineage)[0])
-    elif status == states.FAILED:
+    elif status == Status.FAILED:
         for errback in workflow.get("errbacks") or ():
             planned.extend(plan(app, signature(errback, app=app).clone([job.task_id]), lineage)[0])
         # As Celery: the steps of the chain that will never run fail with the same error,
@@ -248,15 +249,15 @@ def next_steps(app: AppLike, job: Job, status: str, value: Any, error: str | Non
             planned.jobs.extend(_never_run(app, signature(step, app=app), value, error, lineage))
     steps_after = NextSteps(jobs=planned.jobs, chords=planned.chords)
     chord_group = job.group_id if workflow.get("chord") else None
-    if chord_group is None and status == states.FAILED and workflow.get("chain"):
+    if chord_group is None and status == Status.FAILED and workflow.get("chain"):
         # A chain in a chord's header failed before its last step, the one that counts
         # for the chord: the chord fails now rather than wait forever.
         tail_options = (workflow["chain"][0] or {}).get("options") or {}
         if tail_options.get("chord"):
             chord_group = tail_options.get("group_id")
-    if chord_group and status in (states.SUCCEEDED, states.FAILED):
+    if chord_group and status in (Status.SUCCEEDED, Status.FAILED):
         steps_after.chord_group = chord_group
-        steps_after.chord_succeeded = status == states.SUCCEEDED
+        steps_after.chord_succeeded = status == Status.SUCCEEDED
 
         def complete(body: Any, results: list[Any]) -> tuple[list[NewJob], list[Any]]:
             done, _ = plan(app, signature(body, app=app).clone([results]), lineage)
@@ -298,7 +299,7 @@ def _never_run(
     return [
         dataclasses.replace(
             planned.jobs[0],
-            status=states.FAILED,
+            status=Status.FAILED,
             eta=None,
             error=error,
             result=serialization.dumps(meta) if meta is not None else None,
@@ -319,7 +320,7 @@ def _failed_body(
     exc = ChordError(message)
     row = dataclasses.replace(
         planned.jobs[0],
-        status=states.FAILED,
+        status=Status.FAILED,
         eta=None,
         error=failure.summary(exc),
         result=serialization.dumps(failure.describe(exc)),

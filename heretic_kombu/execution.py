@@ -45,12 +45,13 @@ logger = logging.getLogger("heretic_kombu.worker")
 
 class Outcome(str, enum.Enum):
     """How an attempt ended, as :func:`execute` (or the pool) reports it: the ``status``
-    of an outcome dict. Not a row status (see :mod:`heretic_kombu.states`): ``RETRY``
-    becomes the row's ``retrying``. A ``str`` so that it crosses the pipe to a child as
-    plain JSON and compares equal to the text read back."""
+    of an outcome dict. An attempt's end is not a row's status (a lost or rejected
+    attempt leaves the row in one of several), but where it names one it is spelled as
+    :class:`~heretic_kombu.status.Status` spells it. A ``str`` so that it crosses the
+    pipe to a child as plain JSON and compares equal to the text read back."""
 
     SUCCEEDED = "succeeded"
-    RETRY = "retry"
+    RETRY = "retrying"
     FAILED = "failed"
     LOST = "lost"  # reported by a pool whose child died during the attempt
     REJECTED = "rejected"  # the task raised Reject: dead-letter, or requeue

@@ -17,6 +17,7 @@ from .core.context import current_request as current_request
 from .core.protocols import AppLike
 from .core.registry import current_app
 from .exceptions import HereticKombuError, TaskRevokedError, TimeoutError
+from .status import TERMINAL, Status
 
 if TYPE_CHECKING:
     from .store import Job
@@ -47,7 +48,7 @@ class AsyncResult:
     def state(self) -> str:
         """Celery's state name: PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
         status = self.app.store.status_of(self.id)
-        if status in (states.STARTED, states.IGNORED):  # update_state()'s custom state wins
+        if status in (Status.STARTED, Status.IGNORED):  # update_state()'s custom state wins
             progress = _progress(self._job())
             if progress is not None:
                 return str(progress[PROGRESS_KEY])
@@ -146,7 +147,7 @@ class AsyncResult:
         # way from the job's end (the notification) to the caller.
         read = self._job if listener is None else lambda: listener.get(self.id)
         check_parents = follow_parents and propagate and self.parent is not None
-        while (job := read()) is None or job.status not in states.TERMINAL:
+        while (job := read()) is None or job.status not in TERMINAL:
             if check_parents:
                 self._reraise_parent_error()
             if deadline is not None and time.monotonic() >= deadline:
@@ -157,12 +158,12 @@ class AsyncResult:
             else:
                 time.sleep(min(pause, ceiling, remaining))
                 pause *= 2
-        if check_parents and job.status != states.SUCCEEDED:
+        if check_parents and job.status != Status.SUCCEEDED:
             self._reraise_parent_error()
-        if job.status == states.REVOKED and propagate:
+        if job.status == Status.REVOKED and propagate:
             raise TaskRevokedError(f"task {self.id} was revoked: {job.error or 'revoked'}")
         value = _outcome(job)
-        if job.status == states.FAILED and propagate:
+        if job.status == Status.FAILED and propagate:
             raise value
         return value
 
@@ -171,7 +172,7 @@ class AsyncResult:
     def maybe_throw(self, propagate: bool = True, **_: Any) -> None:
         """Raise the job's exception if it has failed (Celery's ``maybe_throw``)."""
         job = self._job()
-        if propagate and job is not None and job.status == states.FAILED:
+        if propagate and job is not None and job.status == Status.FAILED:
             raise _outcome(job)
 
     def _reraise_parent_error(self) -> None:
@@ -334,7 +335,7 @@ class EagerResult:
 def _progress(job: Job | None) -> dict[str, Any] | None:
     if (
         job is not None
-        and job.status in (states.STARTED, states.IGNORED)
+        and job.status in (Status.STARTED, Status.IGNORED)
         and isinstance(job.result, dict)
     ):
         if PROGRESS_KEY in job.result:
@@ -348,11 +349,11 @@ def _outcome(job: Job | None) -> Any:
     progress = _progress(job)
     if progress is not None:
         return progress.get("meta")
-    if job.status == states.SUCCEEDED:
+    if job.status == Status.SUCCEEDED:
         return job.result
-    if job.status in (states.FAILED, states.RETRYING):
+    if job.status in (Status.FAILED, Status.RETRYING):
         if job.result is not None:
             return failure.rebuild(job.result)
-        if job.status == states.FAILED:
+        if job.status == Status.FAILED:
             return HereticKombuError(job.error or "job failed")
     return None

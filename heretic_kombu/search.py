@@ -20,7 +20,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from . import limits, states
+from . import limits
+from .status import ALL_STATUSES
 
 #: Comparison operators a ``where`` clause may use.
 OPERATORS = ("=", "!=", ">", ">=", "<", "<=")
@@ -93,11 +94,9 @@ class JobQuery:
     after: str | None = None  # the cursor of the previous page
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.statuses if s not in states.ALL_STATUSES]
+        unknown = [s for s in self.statuses if s not in ALL_STATUSES]
         if unknown:
-            raise ValueError(
-                f"unknown status {unknown[0]!r}: use one of {', '.join(states.ALL_STATUSES)}"
-            )
+            raise ValueError(f"unknown status {unknown[0]!r}: use one of {', '.join(ALL_STATUSES)}")
         if self.order_by not in ORDERS:
             raise ValueError(f"bad order {self.order_by!r}: use one of {', '.join(ORDERS)}")
         if not 1 <= self.limit <= MAX_LIMIT:

@@ -6,33 +6,19 @@ Celery's upper-case states so that code comparing ``result.state == "SUCCESS"`` 
 
 from __future__ import annotations
 
-# Row statuses (the table's vocabulary).
-PENDING = "pending"  # row written, message not yet confirmed by the broker
-SCHEDULED = "scheduled"  # eta/countdown in the future: waits in the database
-QUEUED = "queued"  # message confirmed by the broker
-STARTED = "started"  # claimed by a worker, running
-RETRYING = "retrying"  # an attempt failed; the next one waits in the database until eta
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-REVOKED = "revoked"  # revoked, terminated or expired: never ran (again)
-IGNORED = "ignored"  # the task raised Ignore: ended without an outcome
+from .status import Status
 
-ALL_STATUSES = (
-    PENDING,
-    SCHEDULED,
-    QUEUED,
-    STARTED,
-    RETRYING,
-    SUCCEEDED,
-    FAILED,
-    REVOKED,
-    IGNORED,
-)
-TERMINAL = frozenset({SUCCEEDED, FAILED, REVOKED, IGNORED})
-#: Statuses a delivered message may claim at once.
-READY = (PENDING, QUEUED)
-#: Statuses a delivered message may claim once their eta has passed.
-WAITING = (SCHEDULED, RETRYING)
+# Row statuses: heretic_kombu.status.Status is their one vocabulary; these names stay
+# importable from here.
+PENDING = Status.PENDING
+SCHEDULED = Status.SCHEDULED
+QUEUED = Status.QUEUED
+STARTED = Status.STARTED
+RETRYING = Status.RETRYING
+SUCCEEDED = Status.SUCCEEDED
+FAILED = Status.FAILED
+REVOKED = Status.REVOKED
+IGNORED = Status.IGNORED
 
 # Celery's state names (what AsyncResult.state returns).
 CELERY_PENDING = "PENDING"
@@ -44,7 +30,7 @@ CELERY_REVOKED = "REVOKED"
 CELERY_IGNORED = "IGNORED"
 CELERY_REJECTED = "REJECTED"
 
-_TO_CELERY = {
+_TO_CELERY: dict[str, str] = {
     PENDING: CELERY_PENDING,
     SCHEDULED: CELERY_PENDING,
     QUEUED: CELERY_PENDING,

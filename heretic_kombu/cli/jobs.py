@@ -16,8 +16,8 @@ from typing import Any
 
 import click
 
-from .. import states
 from ..search import Where, parse_duration
+from ..status import ALL_STATUSES, TERMINAL
 from ..store import Job
 from .main import EXIT_NOT_FOUND, State, app_option, cli
 
@@ -29,7 +29,7 @@ def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "--status",
             "statuses",
             multiple=True,
-            type=click.Choice(states.ALL_STATUSES),
+            type=click.Choice(ALL_STATUSES),
             help="Only jobs in this status (repeatable).",
         ),
         click.option("--task", help="Only jobs of this task name."),
@@ -235,7 +235,7 @@ def jobs_purge(state: State, /, yes: bool, **options: Any) -> None:
     """Delete finished jobs (succeeded, failed, revoked) matching the filters."""
     app = state.app()
     filters = query_filters(**options)
-    filters["status"] = [s for s in filters["status"] or states.TERMINAL if s in states.TERMINAL]
+    filters["status"] = [s for s in filters["status"] or TERMINAL if s in TERMINAL]
     if not filters["status"]:
         raise click.UsageError("only finished jobs (succeeded, failed, revoked) can be purged")
     count = _checked(lambda: app.jobs.count(**filters))
@@ -272,7 +272,7 @@ def jobs_stats(state: State, since: str, as_json: bool) -> None:
         click.echo(json.dumps(data))
         return
     tasks = sorted({task for task, _ in stats.counts})
-    columns = [s for s in states.ALL_STATUSES if any((t, s) in stats.counts for t in tasks)]
+    columns = [s for s in ALL_STATUSES if any((t, s) in stats.counts for t in tasks)]
     table = [("TASK", *(c.upper() for c in columns), "P50", "P95")]
     for task in tasks:
         p50, p95, _ = stats.runtimes.get(task, (None, None, 0))
@@ -298,7 +298,7 @@ def jobs_stats(state: State, since: str, as_json: bool) -> None:
     "--status",
     "statuses",
     multiple=True,
-    type=click.Choice(sorted(states.TERMINAL)),
+    type=click.Choice(sorted(TERMINAL)),
     help="Only finished jobs in this status (repeatable) [default: every finished status].",
 )
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=1000, show_default=True)

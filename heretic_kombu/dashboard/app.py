@@ -34,9 +34,9 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import states
 from ..exceptions import HereticKombuError
 from ..search import ORDERS, Where
+from ..status import ALL_STATUSES, TERMINAL
 from . import data, metrics
 from .security import (
     AUTH_COOKIE,
@@ -106,7 +106,7 @@ class Dashboard:
         self.env.filters["when"] = _when
         self.env.filters["pretty"] = data.pretty
         self.env.filters["attempts_limit"] = _attempts_limit
-        self.env.globals["terminal"] = states.TERMINAL
+        self.env.globals["terminal"] = TERMINAL
 
     def asgi(self) -> Starlette:
         routes = [
@@ -217,7 +217,7 @@ class Dashboard:
         }
         context: dict[str, Any] = {
             "form": form,
-            "all_statuses": states.ALL_STATUSES,
+            "all_statuses": ALL_STATUSES,
             "orders": ORDERS,
             "nav": "jobs",
         }

@@ -14,7 +14,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .. import states
+from ..status import ALL_STATUSES, Status
 from . import charts
 
 if TYPE_CHECKING:
@@ -29,9 +29,9 @@ WORKER_WINDOW = dt.timedelta(minutes=5)
 #: The window of the throughput chart and of the run-time figures.
 RECENT = dt.timedelta(hours=1)
 #: Statuses a job can be cancelled in (it has not started).
-CANCELLABLE = (states.PENDING, states.SCHEDULED, states.QUEUED, states.RETRYING)
+CANCELLABLE = (Status.PENDING, Status.SCHEDULED, Status.QUEUED, Status.RETRYING)
 #: Statuses a job can be retried in.
-RETRYABLE = (states.FAILED, states.REVOKED)
+RETRYABLE = (Status.FAILED, Status.REVOKED)
 #: Most related jobs shown on a job's page (per kind of relation).
 LINEAGE_LIMIT = 100
 
@@ -89,7 +89,7 @@ def overview(app: Heretic, now: dt.datetime | None = None) -> Overview:
     stats = app.jobs.stats(now - RECENT)
     history = app.jobs.history
     tasks = sorted({task for task, _ in stats.counts})
-    statuses = [s for s in states.ALL_STATUSES if any((t, s) in stats.counts for t in tasks)]
+    statuses = [str(s) for s in ALL_STATUSES if any((t, s) in stats.counts for t in tasks)]
     table = history.queue_counts()
     queues: list[QueueRow] = []
     broker_error: str | None = None

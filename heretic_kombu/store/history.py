@@ -18,15 +18,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from .. import serialization, states
+from .. import serialization
 from ..search import JobQuery, Page, Where, decode_cursor, encode_cursor
+from ..status import TERMINAL, Status
 from .jobstore import JobStore
 from .rows import Job, job_from_row, stamp, utcnow
 from .statements import append_log
 from .tables import jobs
 
 #: Statuses an operator may send again (``heretic jobs retry``).
-RETRYABLE = (states.FAILED, states.REVOKED)
+RETRYABLE = (Status.FAILED, Status.REVOKED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +144,7 @@ class History:
                 jobs.update()
                 .where(jobs.c.task_id.in_(list(task_ids)), jobs.c.status.in_(RETRYABLE))
                 .values(
-                    status=states.PENDING,
+                    status=Status.PENDING,
                     max_attempts=jobs.c.attempts + 1,
                     eta=None,
                     expires_at=None,
@@ -160,7 +161,7 @@ class History:
         no lock is held for long. Unfinished jobs are never deleted."""
         finished = dataclasses.replace(
             query,
-            statuses=tuple(s for s in (query.statuses or states.TERMINAL) if s in states.TERMINAL),
+            statuses=tuple(s for s in (query.statuses or TERMINAL) if s in TERMINAL),
             after=None,
         )
         if not finished.statuses:
@@ -208,8 +209,8 @@ class History:
             minute = finished.replace(second=0, microsecond=0)
             bucket = per_minute.setdefault(minute, [0, 0])
             bucket[0] += 1
-            bucket[1] += status == states.FAILED
-            if started is not None and status in (states.SUCCEEDED, states.FAILED):
+            bucket[1] += status == Status.FAILED
+            if started is not None and status in (Status.SUCCEEDED, Status.FAILED):
                 durations.setdefault(task, []).append((finished - _aware(started)).total_seconds())
         runtimes = {task: _percentiles(values) for task, values in sorted(durations.items())}
         return Stats(
@@ -224,7 +225,7 @@ class History:
         with self.store.read() as conn:
             rows = conn.execute(
                 sa.select(jobs.c.queue_name, jobs.c.status, sa.func.count())
-                .where(jobs.c.status.notin_(list(states.TERMINAL)))
+                .where(jobs.c.status.notin_(list(TERMINAL)))
                 .group_by(jobs.c.queue_name, jobs.c.status)
             )
             found: dict[str, dict[str, int]] = {}
@@ -244,7 +245,7 @@ class History:
         it): name, last time seen, and jobs it is running now. There is no worker
         registry: an idle worker is not seen."""
         self.store.ensure_schema()
-        running = sa.func.sum(sa.case((jobs.c.status == states.STARTED, 1), else_=0))
+        running = sa.func.sum(sa.case((jobs.c.status == Status.STARTED, 1), else_=0))
         with self.store.read() as conn:
             rows = conn.execute(
                 sa.select(jobs.c.worker, sa.func.max(jobs.c.updated_at), running)
@@ -264,7 +265,7 @@ class History:
                 .where(
                     jobs.c.finished_at >= since,
                     jobs.c.started_at.is_not(None),
-                    jobs.c.status.in_([states.SUCCEEDED, states.FAILED]),
+                    jobs.c.status.in_([Status.SUCCEEDED, Status.FAILED]),
                 )
                 .order_by(jobs.c.finished_at.desc())
                 .limit(sample)

@@ -25,7 +25,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from .. import serialization, states
+from .. import serialization
+from ..status import READY, TERMINAL, WAITING, Status
 from . import schema
 from .engine import ConnectionLost, Connections, UniqueViolation, wrap_errors
 from .listener import DoneListener
@@ -269,7 +270,7 @@ class JobStore:
                 return 0, []  # another scheduler is at it; SQLite's write lock does this
             query = (
                 sa.select(jobs)
-                .where(jobs.c.status.in_(states.WAITING), jobs.c.eta <= now)
+                .where(jobs.c.status.in_(WAITING), jobs.c.eta <= now)
                 .order_by(jobs.c.eta)
                 .limit(limit)
             )
@@ -284,13 +285,13 @@ class JobStore:
                 conn.execute(
                     jobs.update()
                     .where(jobs.c.id.in_(published))
-                    .values(status=states.QUEUED, updated_at=now)
+                    .values(status=Status.QUEUED, updated_at=now)
                 )
             if expired:
                 conn.execute(
                     jobs.update()
                     .where(jobs.c.id.in_(expired))
-                    .values(status=states.REVOKED, error="expired", finished_at=now, updated_at=now)
+                    .values(status=Status.REVOKED, error="expired", finished_at=now, updated_at=now)
                 )
         return len(published), [error for error in errors if error is not None]
 
@@ -332,10 +333,10 @@ class JobStore:
                 jobs.update()
                 .where(
                     jobs.c.task_id == task_id,
-                    jobs.c.status.in_(states.READY + states.WAITING),
+                    jobs.c.status.in_(READY + WAITING),
                     jobs.c.expires_at <= now,
                 )
-                .values(status=states.REVOKED, error="expired", finished_at=now, updated_at=now)
+                .values(status=Status.REVOKED, error="expired", finished_at=now, updated_at=now)
             )
         return result.rowcount > 0
 
@@ -359,7 +360,7 @@ class JobStore:
         now = utcnow()
         values: dict[str, Any] = {"updated_at": now, "attempt_logs": self._append(log_line)}
         if give_up is None:
-            values.update(status=states.RETRYING, eta=now)
+            values.update(status=Status.RETRYING, eta=now)
         else:
             values.update(
                 status=give_up.status, error=give_up.error, result=give_up.result, finished_at=now
@@ -381,7 +382,7 @@ class JobStore:
                     jobs.update()
                     .where(current_attempt(task_id, attempt))
                     .values(
-                        status=states.QUEUED,
+                        status=Status.QUEUED,
                         attempts=attempt - 1,
                         worker=None,
                         started_at=None,
@@ -397,7 +398,7 @@ class JobStore:
         with self.write() as conn:
             result = conn.execute(
                 jobs.update()
-                .where(jobs.c.task_id == task_id, jobs.c.status == states.STARTED)
+                .where(jobs.c.task_id == task_id, jobs.c.status == Status.STARTED)
                 .values(result=progress, updated_at=utcnow())
             )
         return result.rowcount > 0
@@ -409,7 +410,7 @@ class JobStore:
         with self.write() as conn:
             conn.execute(
                 jobs.update()
-                .where(jobs.c.task_id.in_(list(task_ids)), jobs.c.status == states.STARTED)
+                .where(jobs.c.task_id.in_(list(task_ids)), jobs.c.status == Status.STARTED)
                 .values(updated_at=utcnow())
             )
 
@@ -418,7 +419,7 @@ class JobStore:
         with self.read() as conn:
             rows = conn.execute(
                 sa.select(jobs)
-                .where(jobs.c.status == states.STARTED, jobs.c.updated_at < cutoff)
+                .where(jobs.c.status == Status.STARTED, jobs.c.updated_at < cutoff)
                 .order_by(jobs.c.updated_at)
                 .limit(limit)
             )
@@ -434,8 +435,8 @@ class JobStore:
         with self.write() as conn:
             result = conn.execute(
                 jobs.update()
-                .where(jobs.c.status == states.PENDING, jobs.c.created_at < cutoff)
-                .values(status=states.SCHEDULED, eta=now, updated_at=now)
+                .where(jobs.c.status == Status.PENDING, jobs.c.created_at < cutoff)
+                .values(status=Status.SCHEDULED, eta=now, updated_at=now)
             )
         return result.rowcount
 
@@ -468,9 +469,9 @@ class JobStore:
         with self.write() as conn:
             result = conn.execute(
                 jobs.update()
-                .where(jobs.c.task_id == task_id, jobs.c.status.notin_(states.TERMINAL))
+                .where(jobs.c.task_id == task_id, jobs.c.status.notin_(TERMINAL))
                 .values(
-                    status=states.FAILED,
+                    status=Status.FAILED,
                     error=error,
                     finished_at=now,
                     updated_at=now,
@@ -499,10 +500,10 @@ class JobStore:
                 jobs.update()
                 .where(
                     jobs.c.task_id == task_id,
-                    jobs.c.status.in_(states.READY + states.WAITING),
+                    jobs.c.status.in_(READY + WAITING),
                 )
                 .values(
-                    status=states.REVOKED,
+                    status=Status.REVOKED,
                     error="revoked",
                     finished_at=now,
                     updated_at=now,
@@ -518,7 +519,7 @@ class JobStore:
             ).first()
             if row is None:
                 return "missing"
-            if row.status != states.STARTED:
+            if row.status != Status.STARTED:
                 return "finished"
             if not terminate:
                 # Claimed by a worker: if it has not started yet it never will (see
@@ -540,7 +541,7 @@ class JobStore:
                 jobs.update()
                 .where(current_attempt(task_id, row.attempts))
                 .values(
-                    status=states.REVOKED,
+                    status=Status.REVOKED,
                     error=terminated_error,
                     finished_at=now,
                     updated_at=now,
@@ -560,8 +561,8 @@ class JobStore:
                 sa.select(jobs.c.task_id, jobs.c.error).where(
                     jobs.c.task_id.in_(list(task_ids)),
                     sa.or_(
-                        jobs.c.status == states.REVOKED,
-                        sa.and_(jobs.c.status == states.STARTED, jobs.c.error == REVOKE_REQUESTED),
+                        jobs.c.status == Status.REVOKED,
+                        sa.and_(jobs.c.status == Status.STARTED, jobs.c.error == REVOKE_REQUESTED),
                     ),
                 )
             )
@@ -576,7 +577,7 @@ class JobStore:
                 jobs.update()
                 .where(current_attempt(task_id, attempt))
                 .values(
-                    status=states.REVOKED,
+                    status=Status.REVOKED,
                     error="revoked",
                     attempts=attempt - 1,
                     started_at=None,
@@ -659,7 +660,7 @@ class JobStore:
         with self.write() as conn:
             result = conn.execute(
                 jobs.update()
-                .where(jobs.c.task_id == task_id, jobs.c.status.in_(states.TERMINAL))
+                .where(jobs.c.task_id == task_id, jobs.c.status.in_(TERMINAL))
                 .values(
                     result=None,
                     traceback=None,

@@ -22,7 +22,8 @@ from typing import Any, Protocol, TypedDict
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from .. import serialization, states
+from .. import serialization
+from ..status import TERMINAL, Status
 
 #: The ``error`` of a ``started`` row revoked without ``terminate``: a worker that has
 #: claimed the job but not started it yet drops it; a running job runs to its end.
@@ -82,7 +83,7 @@ class NewJob:
     queue_name: str
     payload: serialization.RawJSON  # {"args": [...], "kwargs": {...}}, already encoded
     max_attempts: int
-    status: str = states.PENDING
+    status: str = Status.PENDING
     eta: dt.datetime | None = None
     expires_at: dt.datetime | None = None
     priority: int | None = None
@@ -251,7 +252,7 @@ def row_params(job: NewJob) -> dict[str, Any]:
         updated_at=now,
         attempt_logs=[f"{stamp(now)} not run: {job.note}"] if job.note else [],
         # A row written already finished: e.g. a chord body failed with its header.
-        finished_at=now if job.status in states.TERMINAL else None,
+        finished_at=now if job.status in TERMINAL else None,
     )
     return values
 
@@ -327,7 +328,7 @@ def record_params(attempts: Sequence[Attempt], now: dt.datetime) -> RecordParams
         "errors": [o.error for o in outcomes],
         "tracebacks": [o.traceback for o in outcomes],
         "lines": [o.log_line for o in outcomes],
-        "etas": [o.eta if o.status == states.RETRYING else None for o in outcomes],
+        "etas": [o.eta if o.status == Status.RETRYING else None for o in outcomes],
         "max_attempts": [o.max_attempts for o in outcomes],
         "payloads": [None if o.payload is None else str(o.payload) for o in outcomes],
     }

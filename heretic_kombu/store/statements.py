@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from .. import states
+from ..status import READY, TERMINAL, WAITING, Status
 from .rows import JSON_COLUMNS, ROW_COLUMNS, Job
 from .tables import jobs
 
@@ -58,7 +58,7 @@ def current_attempt(task_id: str, attempt: int) -> Any:
     """The row of ``task_id`` while attempt number ``attempt`` is still running: what
     every statement closing an attempt is conditional on (a stale one changes nothing)."""
     return sa.and_(
-        jobs.c.task_id == task_id, jobs.c.status == states.STARTED, jobs.c.attempts == attempt
+        jobs.c.task_id == task_id, jobs.c.status == Status.STARTED, jobs.c.attempts == attempt
     )
 
 
@@ -114,8 +114,8 @@ def bulk_insert_parts(rendered_insert: str) -> tuple[str, list[str]]:
 def _mark_queued(match: Any) -> Any:
     return (
         jobs.update()
-        .where(match, _row_test(jobs.c.status == states.PENDING))
-        .values(status=states.QUEUED, updated_at=sa.bindparam("now"))
+        .where(match, _row_test(jobs.c.status == Status.PENDING))
+        .values(status=Status.QUEUED, updated_at=sa.bindparam("now"))
     )
 
 
@@ -133,8 +133,8 @@ MARK_QUEUED_ANY = _mark_queued(
 #: not expired. Written once, as SQL, for both the claim (:data:`CLAIM`, every database)
 #: and a worker's turn on PostgreSQL (:data:`TURN`); ``... IS TRUE`` as in :func:`_row_test`.
 _CLAIMABLE = (
-    f"(status IN ({_sql_list(states.READY)})"
-    f" OR (status IN ({_sql_list(states.WAITING)}) AND eta <= :now)) IS TRUE"
+    f"(status IN ({_sql_list(READY)})"
+    f" OR (status IN ({_sql_list(WAITING)}) AND eta <= :now)) IS TRUE"
     " AND (expires_at IS NULL OR expires_at > :now)"
 )
 
@@ -147,7 +147,7 @@ CLAIM = (
         sa.text(_CLAIMABLE).bindparams(sa.bindparam("now", type_=jobs.c.eta.type)),
     )
     .values(
-        status=states.STARTED,
+        status=Status.STARTED,
         attempts=jobs.c.attempts + 1,
         worker=sa.bindparam("worker"),
         started_at=sa.bindparam("now"),
@@ -192,7 +192,7 @@ RETURNING j.task_id, j.status
 
 #: Announces a recorded job that ended on heretic_done (delivered with the commit).
 _NOTIFY_DONE = (
-    f"CASE WHEN status IN ({_sql_list(states.TERMINAL)})"
+    f"CASE WHEN status IN ({_sql_list(TERMINAL)})"
     f" THEN pg_notify('{DONE_CHANNEL}', CAST(task_id AS text)) END"
 )
 #: PostgreSQL: record a batch of attempts; a row (``task_id``) per attempt recorded.
@@ -240,7 +240,7 @@ TURN = sa.text(
 WITH recorded AS ({_RECORD_UPDATE}),
 claimed AS (
 UPDATE heretic_jobs SET
-    status = '{states.STARTED}',
+    status = '{Status.STARTED}',
     attempts = attempts + 1,
     worker = :worker,
     started_at = :now,

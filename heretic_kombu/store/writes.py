@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .. import states
+from ..status import Status
 from .engine import Connections
 from .rows import (
     Attempt,
@@ -210,9 +210,9 @@ class RowWriter:
             "error": outcome.error,
             "traceback": outcome.traceback,
         }
-        if outcome.status != states.IGNORED:  # Ignore stores nothing: progress stays
+        if outcome.status != Status.IGNORED:  # Ignore stores nothing: progress stays
             values["result"] = outcome.result
-        if outcome.status == states.RETRYING:
+        if outcome.status == Status.RETRYING:
             values["eta"] = outcome.eta
         else:
             values["finished_at"] = now
@@ -253,7 +253,7 @@ class RowWriter:
                 return [], []
             members = conn.execute(
                 sa.select(jobs.c.result, jobs.c.workflow).where(
-                    jobs.c.group_id == group_id, jobs.c.status == states.SUCCEEDED
+                    jobs.c.group_id == group_id, jobs.c.status == Status.SUCCEEDED
                 )
             ).all()
             ordered = sorted(members, key=lambda m: (m.workflow or {}).get("group_index", 0))

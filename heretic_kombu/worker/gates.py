@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 from .. import control, signals
 from ..broker import Delivery
 from ..ratelimit import TokenBucket, parse_rate
-from ..store import Job
-from ..store import REVOKE_REQUESTED
+from ..store import REVOKE_REQUESTED, Job
 from ..task import Context
 from .pool import Pool
 

@@ -15,10 +15,11 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from .. import failure, serialization, states
+from .. import failure, serialization
 from .. import retry as retry_policy
 from ..exceptions import WorkerLostError
 from ..execution import Outcome
+from ..status import Status
 from ..store import AttemptResult, Job, log_line
 
 
@@ -79,14 +80,14 @@ def attempt_result(job: Job, ending: Ending, *, now: dt.datetime, worker: str) -
     if status == Outcome.SUCCEEDED:
         value = ending.result
         return AttemptResult(
-            states.SUCCEEDED,
+            Status.SUCCEEDED,
             line(f"succeeded in {ending.runtime:.3f}s"),
             result=serialization.RawJSON(value) if value else None,
         )
     if status == Outcome.LOST:
         if job.attempts < job.max_attempts:
             return AttemptResult(
-                states.RETRYING,
+                Status.RETRYING,
                 line(f"lost: {ending.error}; retry now"),
                 error=f"WorkerLostError: {ending.error}",
                 eta=now,
@@ -106,7 +107,7 @@ def attempt_result(job: Job, ending: Ending, *, now: dt.datetime, worker: str) -
                 }
             )
         return AttemptResult(
-            states.RETRYING,
+            Status.RETRYING,
             line(f"failed: {ending.error}; retry at {eta:%Y-%m-%dT%H:%M:%S.%fZ}"),
             result=meta,
             error=ending.error,
@@ -117,7 +118,7 @@ def attempt_result(job: Job, ending: Ending, *, now: dt.datetime, worker: str) -
         )
     assert status == Outcome.FAILED, status
     return AttemptResult(
-        states.FAILED,
+        Status.FAILED,
         line(f"failed: {ending.error}"),
         result=meta,
         error=ending.error,
@@ -129,7 +130,7 @@ def lost_result(error: str, line: str | None = None) -> AttemptResult:
     """A job failed for good because its last allowed attempt was lost."""
     exc = WorkerLostError(error)
     return AttemptResult(
-        states.FAILED,
+        Status.FAILED,
         line or f"lost: {error}",
         error=failure.summary(exc),
         result=serialization.dumps(failure.describe(exc)),
@@ -157,7 +158,7 @@ def lost_attempt(row: Job, why: str, *, now: dt.datetime) -> LostAttempt:
 def ignored_result(job: Job, *, now: dt.datetime, worker: str) -> AttemptResult:
     """The task raised Ignore: the job ends ``ignored``, with no result."""
     return AttemptResult(
-        states.IGNORED, log_line(now, job.attempts, worker, "ignored (the task raised Ignore)")
+        Status.IGNORED, log_line(now, job.attempts, worker, "ignored (the task raised Ignore)")
     )
 
 
@@ -182,7 +183,7 @@ def rejection(job: Job, ending: Ending, *, now: dt.datetime, worker: str) -> Rej
 
     if ending.requeue and job.attempts < job.max_attempts:
         requeued = AttemptResult(
-            states.RETRYING,
+            Status.RETRYING,
             line(f"rejected: {reason}; requeued"),
             result=meta,
             error=ending.error,
@@ -193,7 +194,7 @@ def rejection(job: Job, ending: Ending, *, now: dt.datetime, worker: str) -> Rej
     if ending.requeue:
         why = f"rejected with requeue, but all {job.max_attempts} attempt(s) are used"
     failed = AttemptResult(
-        states.FAILED,
+        Status.FAILED,
         line(f"{why}: {reason}; message dead-lettered"),
         result=meta,
         error=ending.error,

@@ -15,10 +15,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .. import canvas, failure, serialization, states
+from .. import canvas, failure, serialization
 from ..broker import Delivery, Subscription
 from ..exceptions import MalformedMessage, StoreError, WorkerLostError
 from ..execution import Outcome
+from ..status import Status
 from ..store import AttemptResult, Job, NextSteps, utcnow
 from .gates import Revocations, send_revoked
 from .outcomes import Ending, ignored_result, lost_attempt, rejection
@@ -109,7 +110,7 @@ class Settlement:
 
     def _report(self, job: Job, ending: Ending, result: AttemptResult) -> None:
         """Log a recorded attempt, and fire ``job_failed`` for a failed one."""
-        if result.status == states.SUCCEEDED:
+        if result.status == Status.SUCCEEDED:
             logger.info(
                 "Task %s[%s] succeeded in %.3fs", job.task_name, job.task_id, ending.runtime
             )
@@ -119,7 +120,7 @@ class Settlement:
             if result.result
             else WorkerLostError(result.error)
         )
-        level = logging.WARNING if result.status == states.RETRYING else logging.ERROR
+        level = logging.WARNING if result.status == Status.RETRYING else logging.ERROR
         task = self.app.tasks.get(job.task_name)
         if task is not None and task.throws and isinstance(exc, task.throws):
             level = logging.INFO  # an expected error (Celery's ``throws``): not an error log
@@ -127,12 +128,12 @@ class Settlement:
             level, "Task %s[%s] %s", job.task_name, job.task_id, result.log_line.split(": ", 1)[-1]
         )
         self.app.emit("job_failed", exc, store_call(self.app.store.get, job.task_id) or job)
-        if result.status == states.RETRYING and result.eta is not None and result.eta <= utcnow():
+        if result.status == Status.RETRYING and result.eta is not None and result.eta <= utcnow():
             self._publish_soon()  # the immediate retry now, not at the next tick
 
     def next_steps(self, job: Job, result: AttemptResult) -> NextSteps | None:
         """Plan what the job's workflow sends next (callbacks, chain, chord, errbacks)."""
-        if not job.workflow or result.status not in (states.SUCCEEDED, states.FAILED):
+        if not job.workflow or result.status not in (Status.SUCCEEDED, Status.FAILED):
             return None
         if not any(job.workflow.get(key) for key in canvas.LINKS):
             # Nothing can follow (e.g. a group member: only its group_index): no plan,

@@ -44,10 +44,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import canvas, protocol, serialization, signals, states
+from .. import canvas, protocol, serialization, signals
 from .. import retry as retry_policy
 from ..broker import Delivery, Subscription
 from ..exceptions import EncodeError, MalformedMessage
+from ..status import Status
 from ..store import Attempt, Job, NewJob, utcnow
 from .gates import RateLimits, Revocations, TimeLimits
 from .outcomes import Ending, attempt_result
@@ -394,7 +395,7 @@ class Worker:
             queue_name=delivery.queue,
             payload=payload,
             max_attempts=retry_policy.max_attempts_for(self.app.tasks[message.task].max_retries),
-            status=states.SCHEDULED if later else states.QUEUED,
+            status=Status.SCHEDULED if later else Status.QUEUED,
             eta=message.eta if later else None,
             expires_at=message.expires,
             priority=message.priority,
@@ -425,7 +426,7 @@ class Worker:
             )
             return None
         held = self._held_delivery(message.id)
-        if row.status == states.STARTED and held is not None:
+        if row.status == Status.STARTED and held is not None:
             if self._subscription.is_live(held):  # type: ignore[union-attr]
                 # A duplicate of a job running here: the first copy is acked after
                 # the commit; this one can go now, or it would hold a prefetch slot.
@@ -445,7 +446,7 @@ class Worker:
                 )
                 self._replace_delivery(message.id, delivery)
             return None
-        if row.status == states.STARTED and delivery.redelivered:
+        if row.status == Status.STARTED and delivery.redelivered:
             return self._recover_lost_attempt(delivery, row)
         if store_call(store.revoke_expired, message.id):
             logger.info("Task %s[%s] expired before it ran: revoked", row.task_name, row.task_id)
@@ -458,7 +459,7 @@ class Worker:
                 row.status,
                 f", due {row.eta:%Y-%m-%d %H:%M:%S}" if row.eta else "",
             )
-            if row.status == states.REVOKED:  # Celery: "Discarding revoked task"
+            if row.status == Status.REVOKED:  # Celery: "Discarding revoked task"
                 expired = row.error == "expired"
                 self._settle.send_revoked(
                     row, delivery, terminated=False, signum=None, expired=expired

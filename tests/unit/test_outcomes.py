@@ -11,6 +11,7 @@ import pytest
 
 from heretic_kombu import execution, states
 from heretic_kombu.execution import Outcome
+from heretic_kombu.status import Status
 from heretic_kombu.store import Job
 from heretic_kombu.worker.outcomes import (
     Ending,
@@ -67,13 +68,12 @@ def failure_report(status: str, **extra: Any) -> dict[str, Any]:
     return report
 
 
-def test_old_constant_names_are_the_enum_with_unchanged_values() -> None:
+def test_old_constant_names_are_the_enum_spelled_as_the_row_statuses() -> None:
     assert execution.SUCCEEDED is Outcome.SUCCEEDED
-    assert execution.RETRY == "retry"  # an outcome, beside the row status "retrying"
-    assert states.RETRYING == "retrying"
+    assert execution.RETRY == states.RETRYING == Status.RETRYING == "retrying"  # one spelling
     assert [m.value for m in Outcome] == [
         "succeeded",
-        "retry",
+        "retrying",
         "failed",
         "lost",
         "rejected",
@@ -85,7 +85,7 @@ def test_old_constant_names_are_the_enum_with_unchanged_values() -> None:
 
 def test_report_is_read_once_into_a_frozen_typed_ending() -> None:
     ending = Ending.from_report(
-        {"status": "retry", "when": "2024-05-17T13:00:00+00:00", "runtime": None}
+        {"status": "retrying", "when": "2024-05-17T13:00:00+00:00", "runtime": None}
     )
     assert ending.status is Outcome.RETRY
     assert ending.when == dt.datetime(2024, 5, 17, 13, 0, tzinfo=dt.timezone.utc)
@@ -93,7 +93,7 @@ def test_report_is_read_once_into_a_frozen_typed_ending() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         ending.status = Outcome.FAILED  # type: ignore[misc]
     with pytest.raises(ValueError):
-        Ending.from_report({"status": "retrying"})  # a row status, not an outcome
+        Ending.from_report({"status": "queued"})  # a row status, not an outcome
 
 
 def test_success_records_the_value_and_runtime() -> None:
@@ -111,7 +111,7 @@ def test_success_with_ignored_result_stores_no_value() -> None:
 
 
 def test_retry_with_countdown_is_due_that_many_seconds_later() -> None:
-    ending = Ending.from_report(failure_report("retry", when=30))
+    ending = Ending.from_report(failure_report("retrying", when=30))
     result = attempt_result(make_job(attempts=1, max_attempts=3), ending, now=NOW, worker="w")
     assert result.status == states.RETRYING
     assert result.eta == NOW + dt.timedelta(seconds=30)
@@ -126,7 +126,7 @@ def test_retry_with_countdown_is_due_that_many_seconds_later() -> None:
 
 def test_retry_with_eta_and_new_arguments_and_max_retries() -> None:
     eta = dt.datetime(2024, 5, 18, 9, 0, tzinfo=dt.timezone.utc)
-    report = failure_report("retry", when=eta.isoformat(), max_retries=5, args=[10], kwargs=None)
+    report = failure_report("retrying", when=eta.isoformat(), max_retries=5, args=[10], kwargs=None)
     result = attempt_result(make_job(), Ending.from_report(report), now=NOW, worker="w")
     assert result.eta == eta
     assert result.max_attempts == 6  # max_retries=5: six attempts in all
