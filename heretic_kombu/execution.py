@@ -20,7 +20,6 @@ import logging
 import signal as _signal
 import threading
 import time
-import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -380,7 +379,7 @@ def _retry(signal: Retry) -> dict[str, Any]:
         "when": when.isoformat() if isinstance(when, dt.datetime) else when,
         "exc": failure.describe(cause) if cause is not None else None,
         "error": failure.summary(cause) if cause is not None else str(signal),
-        "traceback": _format(cause) if cause is not None else None,
+        "traceback": failure.formatted(cause) if cause is not None else None,
         "max_retries": getattr(signal, "max_retries", None),
         "args": getattr(signal, "new_args", None),
         "kwargs": getattr(signal, "new_kwargs", None),
@@ -396,7 +395,7 @@ def _rejected(reject: Reject) -> dict[str, Any]:
         "reason": str(reject),
         "exc": failure.describe(reject),
         "error": failure.summary(reject),
-        "traceback": _format(reject),
+        "traceback": failure.formatted(reject),
         # Only for signals in this process; dropped before crossing a pipe.
         "exception": reject,
     }
@@ -407,14 +406,10 @@ def _failed(exc: BaseException, raised: BaseException | None) -> dict[str, Any]:
         "status": FAILED,
         "exc": failure.describe(exc),
         "error": failure.summary(exc),
-        "traceback": _format(raised) if raised is not None else None,
+        "traceback": failure.formatted(raised) if raised is not None else None,
         # Only for eager runs in this process; dropped before crossing a pipe.
         "exception": exc,
     }
-
-
-def _format(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 def _parse_time(value: str | None) -> dt.datetime | None:

@@ -73,6 +73,7 @@ REDIS_MODULES = {
     "test_scheduler",
     "test_transaction",
     "test_compat_billing",
+    "test_hostile_values",
 }
 
 

@@ -108,6 +108,23 @@ def die():
     os._exit(13)
 
 
+class Unprintable(Exception):
+    """An exception whose ``str()`` itself raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("str() of this exception fails")
+
+
+@shared_task(max_retries=0)
+def raise_hostile(kind):
+    """Raise an exception whose text no table or log can hold as it is."""
+    if kind == "nul":
+        raise ValueError("a NUL \x00 in the message")
+    if kind == "surrogate":
+        raise ValueError("a lone \ud800 surrogate")
+    raise Unprintable("unprintable")
+
+
 @app.process("report.build")
 def build_report(job):
     if job.payload.get("fail"):
