@@ -147,7 +147,7 @@ def _attempt(task: RunnableTask, request: Context) -> tuple[Any, dict[str, Any]]
 def _announce(task: RunnableTask, request: Context, value: Any, outcome: dict[str, Any]) -> None:
     """Send task_success / task_retry / task_failure, then task_postrun, as Celery does."""
     status = outcome["status"]
-    einfo = outcome.get("traceback")
+    einfo = _einfo(outcome)
     ids = (request.id, request.args, request.kwargs)
     if status == SUCCEEDED:
         _hook(task.on_success, value, *ids)
@@ -155,9 +155,7 @@ def _announce(task: RunnableTask, request: Context, value: Any, outcome: dict[st
         state, retval = states.CELERY_SUCCESS, value
     elif status == RETRY:
         _hook(task.on_retry, outcome.get("cause"), *ids, einfo)
-        signals.task_retry.send(
-            sender=task, request=request, reason=outcome["error"], einfo=outcome.get("traceback")
-        )
+        signals.task_retry.send(sender=task, request=request, reason=outcome["error"], einfo=einfo)
         state, retval = states.CELERY_RETRY, None
     else:
         exception = outcome.get("exception")
@@ -169,7 +167,7 @@ def _announce(task: RunnableTask, request: Context, value: Any, outcome: dict[st
             args=request.args,
             kwargs=request.kwargs,
             traceback=outcome.get("traceback"),
-            einfo=outcome.get("traceback"),
+            einfo=einfo,
         )
         state, retval = states.CELERY_FAILURE, exception
     if status != RETRY:  # Celery calls after_return only when the task ended
@@ -183,6 +181,18 @@ def _announce(task: RunnableTask, request: Context, value: Any, outcome: dict[st
         retval=retval,
         state=state,
     )
+
+
+def _einfo(outcome: dict[str, Any]) -> failure.ExceptionInfo | None:
+    """Celery's ``einfo`` of an attempt that raised: the live exception (for a retry, the
+    exception that caused it) with the traceback the row keeps."""
+    text = outcome.get("traceback")
+    exc = outcome.get("cause") if outcome["status"] == RETRY else outcome.get("exception")
+    if not isinstance(exc, BaseException):
+        exc = outcome.get("exception")
+    if text is None or not isinstance(exc, BaseException):
+        return None
+    return failure.ExceptionInfo(exc, text)
 
 
 def _announce_predicate(task: RunnableTask, request: Context, outcome: dict[str, Any]) -> None:
@@ -199,7 +209,7 @@ def _announce_predicate(task: RunnableTask, request: Context, outcome: dict[str,
                 args=request.args,
                 kwargs=request.kwargs,
                 traceback=outcome.get("traceback"),
-                einfo=outcome.get("traceback"),
+                einfo=_einfo(outcome),
             )
     else:
         state = states.CELERY_IGNORED

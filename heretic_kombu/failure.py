@@ -11,10 +11,12 @@ sees the type name and message.
 
 from __future__ import annotations
 
+import builtins
 import math
 import re
 import sys
 import traceback
+from types import TracebackType
 from typing import Any
 
 from . import exceptions
@@ -54,6 +56,36 @@ def formatted(exc: BaseException) -> str:
     except Exception as error:  # a __str__ or a frame that cannot be shown
         text = f"{type(exc).__name__} (its traceback could not be formatted: {error!r})"
     return clean(text)
+
+
+class ExceptionInfo(str):
+    """Celery's ``einfo``, as task hooks and signals receive it: ``einfo.exception``,
+    ``einfo.type``, ``einfo.tb``, ``einfo.traceback`` and ``einfo.exc_info``. It is also
+    the formatted traceback as text (``str(einfo)``, ``"KeyError" in einfo``), which is
+    what heretic passed before and what a row's ``traceback`` column holds."""
+
+    exception: BaseException
+    type: builtins.type[BaseException]
+    tb: TracebackType | None
+
+    def __new__(cls, exc: BaseException, text: str | None = None) -> ExceptionInfo:
+        info = super().__new__(cls, formatted(exc) if text is None else text)
+        info.exception = exc
+        info.type = type(exc)
+        info.tb = exc.__traceback__
+        return info
+
+    @property
+    def traceback(self) -> str:
+        """The formatted traceback."""
+        return str.__str__(self)
+
+    @property
+    def exc_info(self) -> tuple[builtins.type[BaseException], BaseException, TracebackType | None]:
+        return (self.type, self.exception, self.tb)
+
+    def __repr__(self) -> str:
+        return f"<ExceptionInfo: {_safely(repr, self.exception)}>"
 
 
 def clean(text: str) -> str:

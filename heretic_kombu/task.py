@@ -189,7 +189,8 @@ class Task:
         self._get_app().store.set_progress(task_id, progress)
 
     # -- hooks for custom base classes (Celery's names and arguments) ----------------
-    # ``einfo`` is the formatted traceback text (Celery passes an ExceptionInfo).
+    # ``einfo`` is Celery's ExceptionInfo (heretic_kombu.failure.ExceptionInfo): .exception,
+    # .type, .traceback; it is also the formatted traceback as text.
 
     def before_start(self, task_id: str, args: list[Any], kwargs: dict[str, Any]) -> None:
         """Called in the worker just before the task body runs."""

@@ -1,0 +1,1 @@
+"""Where Celery keeps ``celery.utils``: the pieces of it that Celery code imports."""
