@@ -29,7 +29,7 @@ def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "--status",
             "statuses",
             multiple=True,
-            type=click.Choice(ALL_STATUSES),
+            type=click.Choice([s.value for s in ALL_STATUSES]),
             help="Only jobs in this status (repeatable).",
         ),
         click.option("--task", help="Only jobs of this task name."),
@@ -298,7 +298,7 @@ def jobs_stats(state: State, since: str, as_json: bool) -> None:
     "--status",
     "statuses",
     multiple=True,
-    type=click.Choice(sorted(TERMINAL)),
+    type=click.Choice(sorted(s.value for s in TERMINAL)),
     help="Only finished jobs in this status (repeatable) [default: every finished status].",
 )
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=1000, show_default=True)

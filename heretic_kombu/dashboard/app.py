@@ -217,7 +217,7 @@ class Dashboard:
         }
         context: dict[str, Any] = {
             "form": form,
-            "all_statuses": ALL_STATUSES,
+            "all_statuses": [s.value for s in ALL_STATUSES],
             "orders": ORDERS,
             "nav": "jobs",
         }
