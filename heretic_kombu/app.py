@@ -41,6 +41,7 @@ from .exceptions import (
     BrokerError,
     ConfigurationError,
     HereticKombuError,
+    MessageRefused,
     NotRegistered,
     PublishError,
     QueueMismatchError,
@@ -545,6 +546,9 @@ class Heretic:
                 # No publish can ever succeed until someone fixes the queue.
                 self.store.fail_unhandleable(row.task_id, str(error))
                 mismatch = mismatch or error
+            elif isinstance(error, MessageRefused):
+                # Refused on its own, the others taken: set aside, failed with why.
+                self.store.fail_unhandleable(row.task_id, str(error))
             else:
                 stays_pending(row.task_id, error)
         self.store.mark_queued_many(confirmed)
@@ -615,11 +619,20 @@ class Heretic:
         """Publish the messages of rows already written, all at once, and wait once for
         the broker's confirms; per row ``None`` (confirmed) or the error, as
         :meth:`Broker.publish_all` says. Rows are not updated here."""
-        prepared = [self._prepare(job) for job in jobs]
-        errors = self.broker.publish_all([message for message, _ in prepared])
-        for (_, published), error in zip(prepared, errors, strict=True):
+        # A row whose message cannot be encoded (a value no edge check refused: written
+        # by an older version or by hand) is refused alone; the others are published.
+        errors: list[BrokerError | None] = [None] * len(jobs)
+        prepared: dict[int, tuple[Outgoing, dict[str, Any]]] = {}
+        for index, job in enumerate(jobs):
+            try:
+                prepared[index] = self._prepare(job)
+            except (ValueError, TypeError, OverflowError) as exc:
+                errors[index] = MessageRefused(f"the message cannot be encoded: {exc}")
+        sent = self.broker.publish_all([message for message, _ in prepared.values()])
+        for index, error in zip(prepared, sent, strict=True):
+            errors[index] = error
             if error is None:
-                signals.after_task_publish.send(**published)
+                signals.after_task_publish.send(**prepared[index][1])
         return errors
 
     def _prepare(self, job: JobRow) -> tuple[Outgoing, dict[str, Any]]:

@@ -78,6 +78,13 @@ class PublishError(BrokerError):
     """The broker did not confirm the message."""
 
 
+class MessageRefused(PublishError):
+    """This one message can never be published as it is: it cannot be encoded for the
+    broker (e.g. a priority over 255 for AMQP) or the broker refused it on its own (e.g.
+    bigger than its maximum message size), while it took others. Publishing it again
+    cannot help: its job is set aside (failed with this reason)."""
+
+
 class QueueMismatchError(BrokerError):
     """The queue exists on the broker with different arguments."""
 

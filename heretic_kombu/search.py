@@ -153,6 +153,9 @@ class Page:
 
     rows: list[Any]
     next_cursor: str | None
+    #: Rows of the page that could not be read back (id, task_id, status, reason):
+    #: left out of ``rows``, named here so that a listing can say so.
+    skipped: list[Any] = dataclasses.field(default_factory=list)
 
     def __iter__(self) -> Any:
         return iter(self.rows)

@@ -34,7 +34,7 @@ import weakref
 
 from .broker import Broker
 from .broker.core import Outgoing
-from .exceptions import BrokerError, PublishError, QueueMismatchError
+from .exceptions import BrokerError, MessageRefused, PublishError, QueueMismatchError
 from .store import JobStore
 
 logger = logging.getLogger("heretic_kombu")
@@ -48,6 +48,10 @@ BURST = 1000
 #: Most messages handed over and not yet published. Beyond it (the broker is down or
 #: slower than the senders) a send is refused at once and its row stays ``pending``.
 BACKLOG = 10_000
+
+
+#: Publish errors that no later try can change: the row is failed with the error.
+_FINAL = (QueueMismatchError, MessageRefused)
 
 
 @dataclasses.dataclass
@@ -98,6 +102,8 @@ class Sender:
 
         Raises:
             QueueMismatchError: the queue exists with other arguments; the row is failed.
+            MessageRefused: the broker took others but not this message (e.g. over its
+                size limit); the row is failed with the reason.
             PublishError: the message could not be handed over or, when waited for, was
                 not confirmed; the row stays ``pending`` (and may still be marked
                 ``queued`` if its confirm comes later).
@@ -209,11 +215,13 @@ class Sender:
                 confirmed.append(item.task_id)
                 self._proven.add(target)
                 self._unconfirmed.discard(target)
-            elif not isinstance(error, QueueMismatchError):
+            elif not isinstance(error, _FINAL):
                 # A mismatch is answered at once, so its senders keep waiting (and
                 # raising it); anything else may hold every caller for a timeout.
                 self._unconfirmed.add(target)
-            if isinstance(error, QueueMismatchError):
+            if isinstance(error, _FINAL):
+                # A message refused on its own (issue 15, item 3) is set aside like a
+                # mismatch: failed with its reason; the batch's others went.
                 self._fail(item.task_id, error)
                 if item.done is None:  # a waiting sender raises it
                     logger.error("job %s failed: %s", item.task_id, error)
@@ -223,7 +231,7 @@ class Sender:
                 item.done.set()
         return confirmed
 
-    def _fail(self, task_id: str, error: QueueMismatchError) -> None:
+    def _fail(self, task_id: str, error: BrokerError) -> None:
         # No publish to that queue can succeed until someone fixes it.
         try:
             self.store.fail_unhandleable(task_id, str(error))

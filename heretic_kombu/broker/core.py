@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .. import protocol
-from ..exceptions import BrokerError, PublishError, QueueMismatchError
+from ..exceptions import BrokerError, MessageRefused, PublishError, QueueMismatchError
 from .publisher import Publisher
 from .subscription import Subscription
 from .topology import (
@@ -148,7 +148,14 @@ class Broker(Topology):
                 continue
             except Exception as exc:
                 worked = publisher is not None and publisher.worked
+                lost = publisher is None or _connection_lost(exc, publisher)
                 self.close_publisher(abrupt=True)
+                if not lost:
+                    # The broker is there but a message was refused (it cannot be
+                    # encoded, or the broker closed the channel over it): publish them
+                    # one by one, so that only that one is refused and the others go.
+                    self._one_by_one(messages, todo, outcomes, exc)
+                    break
                 if worked and may_retry:
                     may_retry = False
                     continue
@@ -167,6 +174,26 @@ class Broker(Topology):
                 self.close_publisher(abrupt=True)
             break
         return outcomes
+
+    def _one_by_one(
+        self,
+        messages: Sequence[Outgoing],
+        todo: list[int],
+        outcomes: list[BrokerError | None],
+        exc: Exception,
+    ) -> None:
+        """After ``exc`` (not a lost connection) on a batch: each message of ``todo``
+        alone; one that fails alone the same way is :class:`MessageRefused`."""
+        if len(todo) == 1:
+            (i,) = todo
+            refused = MessageRefused(
+                f"the broker cannot take the message to {messages[i].routing_key!r}: {exc!r}"
+            )
+            refused.__cause__ = exc
+            outcomes[i] = refused
+            return
+        for i in todo:
+            outcomes[i] = self.publish_all([messages[i]])[0]
 
     def _publisher(self) -> Publisher:
         """This thread's publisher, opened on first use (again after a fork)."""
@@ -230,3 +257,14 @@ __all__ = [
     "Subscription",
     "dead_queue_name",
 ]
+
+
+def _connection_lost(exc: BaseException, publisher: Publisher) -> bool:
+    """Whether ``exc`` says the connection to the broker broke (rather than that the
+    broker, still there, refused what was sent)."""
+    lost: tuple[type[BaseException], ...] = (
+        OSError,
+        TimeoutError,
+        *publisher.connection.connection_errors,
+    )
+    return isinstance(exc, lost)

@@ -120,6 +120,10 @@ def jobs_list(
     page = _checked(
         lambda: state.app().jobs.search(**filters, limit=limit, after=after, order_by=order)
     )
+    for bad in page.skipped:  # left out, named: the other rows are listed (issue 15)
+        click.echo(
+            f"row {bad.id} ({bad.task_id}, {bad.status}) cannot be read: {bad.reason}", err=True
+        )
     if as_json:
         for row in page.rows:
             click.echo(json.dumps(_as_dict(row), default=str))

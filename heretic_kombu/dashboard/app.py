@@ -37,6 +37,7 @@ from starlette.staticfiles import StaticFiles
 from ..exceptions import HereticKombuError
 from ..search import ORDERS, Where
 from ..status import ALL_STATUSES, TERMINAL
+from ..store import RowError
 from . import data, metrics
 from .security import (
     AUTH_COOKIE,
@@ -237,8 +238,13 @@ class Dashboard:
         if page.next_cursor:
             pairs = [(k, v) for k, v in params.multi_items() if k != "after"]
             next_url = "/jobs?" + urllib.parse.urlencode([*pairs, ("after", page.next_cursor)])
+        # Rows that cannot be read back (issue 15) are left out and named, not a 400.
+        skipped = "; ".join(
+            f"row {row.id} ({row.task_id}, {row.status}) cannot be read: {row.reason}"
+            for row in page.skipped
+        )
         return self.render(
-            request, "jobs.html", error=None, page=page, next_url=next_url, **context
+            request, "jobs.html", error=skipped or None, page=page, next_url=next_url, **context
         )
 
     async def job(self, request: Request) -> Response:
@@ -255,7 +261,10 @@ class Dashboard:
         )
 
     async def _job(self, key: str) -> Any:
-        job = await self.call(self.app.jobs.get, key)
+        try:
+            job = await self.call(self.app.jobs.get, key)
+        except RowError as exc:  # a row that cannot be read back: say so, not a 500
+            raise HTTPException(409, f"job {key}: {exc}") from exc
         if job is None:
             raise HTTPException(404, f"no job {key}")
         return job

@@ -10,6 +10,7 @@ statements built ahead of use), :mod:`.schema` (creation, upgrade, DDL), :mod:`.
 from __future__ import annotations
 
 from .beatstore import BeatStore, EntrySpec, EntryState, Firing
+from .engine import ConnectionLost, RowError, UniqueViolation
 from .jobstore import JobStore
 from .rows import (
     REVOKE_REQUESTED,
@@ -18,6 +19,8 @@ from .rows import (
     Job,
     NewJob,
     NextSteps,
+    ReadRows,
+    Unreadable,
     log_line,
     utcnow,
 )
@@ -30,6 +33,7 @@ __all__ = [
     "Attempt",
     "AttemptResult",
     "BeatStore",
+    "ConnectionLost",
     "EntrySpec",
     "EntryState",
     "Firing",
@@ -37,6 +41,10 @@ __all__ = [
     "JobStore",
     "NewJob",
     "NextSteps",
+    "ReadRows",
+    "RowError",
+    "UniqueViolation",
+    "Unreadable",
     "jobs",
     "log_line",
     "render_postgresql_ddl",

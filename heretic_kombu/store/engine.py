@@ -35,7 +35,14 @@ class ConnectionLost(StoreError):
     """The database connection broke under a statement; it is out of the pool now."""
 
 
-class UniqueViolation(StoreError):
+class RowError(StoreError):
+    """The database is there, but refused this statement's values (a data or constraint
+    error: an integer out of its column's range, a duplicate key) or gave back a value
+    that cannot be read (a timestamp past year 9999 in UTC). Trying the same statement
+    again cannot help: the row or value is to be set aside, the others go on."""
+
+
+class UniqueViolation(RowError):
     """A row with the same unique key (the ``task_id``) is there already."""
 
 
@@ -99,11 +106,46 @@ class Connections:
 
 @contextlib.contextmanager
 def wrap_errors() -> Iterator[None]:
-    """Turn SQLAlchemy's driver errors into :class:`StoreError` (the cause chained)."""
+    """Turn SQLAlchemy's driver errors into :class:`StoreError` (the cause chained):
+    :class:`ConnectionLost` for a connection that broke, :class:`RowError` for a data or
+    constraint error (:class:`UniqueViolation` for a duplicate key)."""
     try:
         yield
     except sa.exc.DBAPIError as exc:
-        raise StoreError(f"job store error: {exc.orig!r}") from exc
+        message = f"job store error: {exc.orig!r}"
+        if exc.connection_invalidated:
+            raise ConnectionLost(message) from exc
+        raise row_error(exc.orig, message) or StoreError(message) from exc
+
+
+#: SQLSTATE classes of errors about the values, not the connection: 22 data exception
+#: (e.g. integer out of range), 23 integrity constraint violation.
+_PG_VALUE_CLASSES = ("22", "23")
+
+
+def row_error(orig: BaseException | None, message: str) -> RowError | None:
+    """The :class:`RowError` a driver error means, if it is about the statement's values
+    rather than the connection (``None`` otherwise)."""
+    code = getattr(orig, "pgcode", None)
+    text = str(orig)
+    if code == _PG_UNIQUE_VIOLATION or text.startswith("UNIQUE constraint failed"):
+        return UniqueViolation(message)
+    if isinstance(code, str) and code[:2] in _PG_VALUE_CLASSES:
+        return RowError(message)
+    name = type(orig).__name__
+    if name in ("DataError", "IntegrityError") or isinstance(orig, OverflowError):
+        return RowError(message)  # SQLite's (e.g. an integer too big for 64 bits)
+    return None
+
+
+def unreadable(exc: Exception) -> RowError:
+    """The :class:`RowError` of a row the driver could not turn into Python values."""
+    return RowError(f"job row cannot be read: {exc}")
+
+
+#: What a driver or SQLAlchemy raises for a stored value Python cannot hold (a
+#: timestamp past year 9999 in UTC): the row is unreadable, the connection is fine.
+READ_ERRORS = (ValueError, OverflowError)
 
 
 @contextlib.contextmanager
@@ -129,9 +171,8 @@ def driver_cursor(engine: Engine) -> Iterator[Any]:
             raw.invalidate(exc)
             engine.dispose()  # the connections in use are discarded when given back
             raise ConnectionLost(f"job store error: {exc!r}") from exc
-        if getattr(exc, "pgcode", None) == _PG_UNIQUE_VIOLATION:
-            raise UniqueViolation(f"job store error: {exc!r}") from exc
-        raise StoreError(f"job store error: {exc!r}") from exc
+        message = f"job store error: {exc!r}"
+        raise row_error(exc, message) or StoreError(message) from exc
     finally:
         if cursor is not None and not cursor.closed:
             cursor.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import statistics
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from .. import serialization
 from ..search import JobQuery, Page, Where, decode_cursor, encode_cursor
 from ..status import TERMINAL, Status
 from .jobstore import JobStore
-from .rows import Job, job_from_row, stamp, utcnow
+from .rows import Job, job_from_row, read_jobs, stamp, utcnow
 from .statements import append_log
 from .tables import jobs
 
@@ -52,15 +53,17 @@ class History:
         self.store.ensure_schema()
         column, _ = _order(query.order_by)
         with self.store.read() as conn:
-            rows = [job_from_row(row) for row in conn.execute(self.select(query))]
+            # A row that cannot be read back (a timestamp past year 9999 in UTC) is
+            # left out of the page and named in its ``skipped``; the others are shown.
+            read = read_jobs(conn, self.select(query), jobs)
         cursor = None
-        if len(rows) > query.limit:
-            rows = rows[: query.limit]
-            last = rows[-1]
-            cursor = encode_cursor(
-                last.id if column is jobs.c.id else getattr(last, column.name), last.id
-            )
-        return Page(rows, cursor)
+        if read.cut(query.limit):
+            if column is jobs.c.id:
+                cursor = encode_cursor(read.last_id(), read.last_id())
+            elif read.jobs:  # an unreadable last row: the last readable one's place
+                last = read.jobs[-1]
+                cursor = encode_cursor(getattr(last, column.name), last.id)
+        return Page(read.jobs, cursor, skipped=list(read.unreadable))
 
     def select(self, query: JobQuery) -> Any:
         """The statement of one page (one row more than the limit, to know if there is a
@@ -121,9 +124,12 @@ class History:
         if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
             return self.store.get_by_id(int(key))
         try:
-            return self.store.get(key)
-        except Exception:  # not a UUID: no such job
+            uuid.UUID(key)
+        except ValueError:  # not a UUID: no such job
             return None
+        # A database that cannot be reached, or a row that cannot be read, is an error
+        # the caller reports (StoreError), not "no such job".
+        return self.store.get(key)
 
     # -- operator commands ---------------------------------------------------
 

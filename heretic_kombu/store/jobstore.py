@@ -28,7 +28,14 @@ from sqlalchemy.engine import Connection, Engine
 from .. import serialization
 from ..status import READY, TERMINAL, WAITING, Status
 from . import schema
-from .engine import ConnectionLost, Connections, UniqueViolation, wrap_errors
+from .engine import (
+    READ_ERRORS,
+    ConnectionLost,
+    Connections,
+    UniqueViolation,
+    unreadable,
+    wrap_errors,
+)
 from .listener import DoneListener
 from .rows import (
     REVOKE_REQUESTED,
@@ -38,12 +45,14 @@ from .rows import (
     Job,
     NewJob,
     NextSteps,
+    ReadRows,
     job_from_row,
     job_values,
     jobs_from_cursor,
     log_line,
     named_rows,
     new_row,
+    read_jobs,
     row_params,
     stamp,
     utcnow,
@@ -250,24 +259,29 @@ class JobStore:
         self,
         publish: Callable[[list[Job]], Sequence[BaseException | None]],
         limit: int = 500,
-    ) -> tuple[int, list[BaseException]]:
+        refused: Callable[[BaseException], str | None] = lambda error: None,
+    ) -> tuple[int, list[BaseException], list[tuple[str, str]]]:
         """Publish jobs whose eta has passed and mark them ``queued``; return how many,
-        and the errors of those that could not be published (they stay due and are
-        tried again at the next call).
+        the errors of those that could not be published (they stay due and are tried
+        again at the next call), and the jobs set aside, with why.
 
         ``publish`` takes the due rows and returns, per row, ``None`` once the broker
-        confirmed its message or the error: one wait for all of them. One scheduler acts
-        at a time (a PostgreSQL advisory lock; SQLite's write lock on the embedded
-        default), and rows are locked with ``FOR UPDATE SKIP LOCKED`` as a second guard,
-        so with several workers each due job is published once. The row is updated after
-        the broker confirmed the publish: a crash in between publishes it again later,
-        which the claim makes harmless. Expired jobs are revoked instead of published.
+        confirmed its message or the error: one wait for all of them. ``refused`` says
+        whether an error means the row can never be published (the reason), rather than
+        that the broker is away: such a row is failed with that reason, as is a due row
+        that cannot be read back, so that one bad row never holds up the others. One
+        scheduler acts at a time (a PostgreSQL advisory lock; SQLite's write lock on
+        the embedded default), and rows are locked with ``FOR UPDATE SKIP LOCKED`` as a
+        second guard, so with several workers each due job is published once. The row
+        is updated after the broker confirmed the publish: a crash in between publishes
+        it again later, which the claim makes harmless. Expired jobs are revoked
+        instead of published.
         """
         self.ensure_schema()
         now = utcnow()
         with self.write() as conn:
             if self.is_postgresql and not conn.execute(TRY_SCHEDULER_LOCK).scalar():
-                return 0, []  # another scheduler is at it; SQLite's write lock does this
+                return 0, [], []  # another scheduler is at it; SQLite's write lock does this
             query = (
                 sa.select(jobs)
                 .where(jobs.c.status.in_(WAITING), jobs.c.eta <= now)
@@ -276,11 +290,19 @@ class JobStore:
             )
             if self.is_postgresql:
                 query = query.with_for_update(skip_locked=True)
-            due = [job_from_row(row) for row in conn.execute(query)]
+            read = read_jobs(conn, query, jobs)
+            due = read.jobs
+            set_aside = [
+                (row.task_id, f"row cannot be read: {row.reason}") for row in read.unreadable
+            ]
             expired = [j.id for j in due if j.expires_at is not None and j.expires_at <= now]
             ready = [job for job in due if job.id not in expired]
-            errors = publish(ready) if ready else []
+            errors = list(publish(ready)) if ready else []
             published = [job.id for job, error in zip(ready, errors, strict=True) if error is None]
+            for job, error in zip(ready, errors, strict=True):
+                reason = refused(error) if error is not None else None
+                if reason is not None:
+                    set_aside.append((job.task_id, f"cannot be published: {reason}"))
             if published:
                 conn.execute(
                     jobs.update()
@@ -293,7 +315,53 @@ class JobStore:
                     .where(jobs.c.id.in_(expired))
                     .values(status=Status.REVOKED, error="expired", finished_at=now, updated_at=now)
                 )
-        return len(published), [error for error in errors if error is not None]
+            for task_id, reason in set_aside:
+                self._fail_with(conn, task_id, reason, now, statuses=WAITING)
+        aside = {task_id for task_id, _ in set_aside}
+        kept = [
+            error
+            for job, error in zip(ready, errors, strict=True)
+            if error is not None and job.task_id not in aside
+        ]
+        return len(published), kept, set_aside
+
+    def set_aside(self, task_id: str, reason: str, attempt: int | None = None) -> bool:
+        """Fail a job that cannot go on (its row or a value of it cannot be written, read
+        or published), with ``reason`` as its error and one ``attempt_logs`` line; only
+        if it has not ended (and, with ``attempt``, is still in that attempt). Written
+        without reading the row, so that it works on a row that cannot be read."""
+        now = utcnow()
+        with self.write() as conn:
+            return self._fail_with(conn, task_id, reason, now, attempt=attempt)
+
+    def _fail_with(
+        self,
+        conn: Connection,
+        task_id: str,
+        reason: str,
+        now: dt.datetime,
+        *,
+        attempt: int | None = None,
+        statuses: Sequence[str] | None = None,
+    ) -> bool:
+        reason = reason.replace("\x00", "")[:2000]
+        where = [jobs.c.task_id == task_id, jobs.c.status.notin_(TERMINAL)]
+        if statuses is not None:
+            where.append(jobs.c.status.in_(list(statuses)))
+        if attempt is not None:
+            where.append(jobs.c.attempts == attempt)
+        result = conn.execute(
+            jobs.update()
+            .where(*where)
+            .values(
+                status=Status.FAILED,
+                error=reason,
+                finished_at=now,
+                updated_at=now,
+                attempt_logs=self._append(f"{stamp(now)} set aside: {reason}"),
+            )
+        )
+        return bool(result.rowcount)
 
     # -- worker side ------------------------------------------------------
 
@@ -414,16 +482,18 @@ class JobStore:
                 .values(updated_at=utcnow())
             )
 
-    def find_lost(self, cutoff: dt.datetime, limit: int = 100) -> list[Job]:
-        """``started`` rows untouched since ``cutoff``: their worker stopped heartbeating."""
+    def find_lost(self, cutoff: dt.datetime, limit: int = 100) -> ReadRows:
+        """``started`` rows untouched since ``cutoff``: their worker stopped heartbeating
+        (those that cannot be read back are in its ``unreadable``)."""
         with self.read() as conn:
-            rows = conn.execute(
+            return read_jobs(
+                conn,
                 sa.select(jobs)
                 .where(jobs.c.status == Status.STARTED, jobs.c.updated_at < cutoff)
                 .order_by(jobs.c.updated_at)
-                .limit(limit)
+                .limit(limit),
+                jobs,
             )
-            return [job_from_row(row) for row in rows]
 
     def requeue_stale_pending(self, cutoff: dt.datetime) -> int:
         """Make ``pending`` rows created before ``cutoff`` due, so the scheduler publishes them.
@@ -598,20 +668,29 @@ class JobStore:
         if self.is_postgresql:
             # What .get() reads: one autocommit statement on the driver (a read through
             # SQLAlchemy costs BEGIN, SELECT and ROLLBACK round trips: 0.7 -> 0.35 ms).
-            with self.connections.driver_cursor() as cursor:
-                cursor.execute(self.connections.driver_sql(GET), {"task_id": task_id})
-                found = jobs_from_cursor(cursor)
+            try:
+                with self.connections.driver_cursor() as cursor:
+                    cursor.execute(self.connections.driver_sql(GET), {"task_id": task_id})
+                    found = jobs_from_cursor(cursor)
+            except READ_ERRORS as exc:
+                raise unreadable(exc) from exc
             return found[0] if found else None
         with self.read() as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.task_id == task_id)).first()
-        return job_from_row(row) if row is not None else None
+            try:
+                row = conn.execute(sa.select(jobs).where(jobs.c.task_id == task_id)).first()
+                return job_from_row(row) if row is not None else None
+            except READ_ERRORS as exc:
+                raise unreadable(exc) from exc
 
     def get_by_id(self, job_id: int) -> Job | None:
         """The row with primary key ``job_id``, or ``None``."""
         self.ensure_schema()
         with self.read() as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
-        return job_from_row(row) if row is not None else None
+            try:
+                row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+                return job_from_row(row) if row is not None else None
+            except READ_ERRORS as exc:
+                raise unreadable(exc) from exc
 
     def status_of(self, task_id: str) -> str | None:
         """Just the status of ``task_id`` (cheap enough to poll), or ``None``."""
@@ -653,7 +732,7 @@ class JobStore:
         if queue_name:
             query = query.where(jobs.c.queue_name == queue_name)
         with self.read() as conn:
-            return [job_from_row(row) for row in conn.execute(query)]
+            return read_jobs(conn, query, jobs).jobs  # the unreadable skipped
 
     def forget(self, task_id: str) -> bool:
         """Clear a finished job's result and traceback (``AsyncResult.forget``)."""

@@ -184,6 +184,69 @@ _TIME_COLUMNS = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Unreadable:
+    """A row a read had to skip: one of its values cannot be read back into Python (a
+    timestamp past year 9999 in UTC, written by hand or by another program)."""
+
+    id: int
+    task_id: str
+    status: str
+    reason: str
+
+
+@dataclasses.dataclass
+class ReadRows:
+    """The rows a many-row read could read, and those it set aside (:class:`Unreadable`)."""
+
+    jobs: list[Job]
+    unreadable: list[Unreadable] = dataclasses.field(default_factory=list)
+
+    #: The ids in the query's order, when the rows were read one by one.
+    ids: list[int] | None = None
+
+    def cut(self, limit: int) -> bool:
+        """Keep the first ``limit`` rows (read or not) in the query's order; whether
+        there were more."""
+        if len(self.jobs) + len(self.unreadable) <= limit:
+            return False
+        if self.ids is None:
+            del self.jobs[limit:]
+            return True
+        self.ids = self.ids[:limit]
+        kept = set(self.ids)
+        self.jobs = [job for job in self.jobs if job.id in kept]
+        self.unreadable = [row for row in self.unreadable if row.id in kept]
+        return True
+
+    def last_id(self) -> int:
+        """The id of the last row kept, read or not, in the query's order."""
+        return self.ids[-1] if self.ids else self.jobs[-1].id
+
+
+def read_jobs(conn: sa.Connection, query: Any, jobs_table: sa.Table) -> ReadRows:
+    """Run ``query`` (which selects every column of the job table) and read its rows;
+    if one of them cannot be read, read them again one by one, by the ids the same query
+    finds, and set the unreadable ones aside, with the reason, instead of failing them
+    all. Costs nothing more while every row can be read."""
+    try:
+        return ReadRows([job_from_row(row) for row in conn.execute(query)])
+    except (ValueError, OverflowError):
+        pass
+    keys = conn.execute(
+        query.with_only_columns(jobs_table.c.id, jobs_table.c.task_id, jobs_table.c.status)
+    ).all()
+    found = ReadRows([], ids=[key.id for key in keys])
+    for key in keys:
+        try:
+            row = conn.execute(sa.select(jobs_table).where(jobs_table.c.id == key.id)).first()
+            if row is not None:
+                found.jobs.append(job_from_row(row))
+        except (ValueError, OverflowError) as exc:
+            found.unreadable.append(Unreadable(key.id, str(key.task_id), str(key.status), str(exc)))
+    return found
+
+
 def job_from_row(row: sa.Row[Any]) -> Job:
     """A job from a SQLAlchemy row that selected or returned every column of the table."""
     return _job_from(dict(row._mapping))
@@ -200,6 +263,25 @@ def jobs_from_cursor(cursor: Any) -> list[Job]:
     """The rows of a driver cursor that selected or returned every column of the job
     table, as SQLAlchemy's typed statements return them."""
     return [_driver_job(data) for data in named_rows(cursor)]
+
+
+def readable_rows(cursor: Any) -> tuple[list[dict[str, Any]], int]:
+    """:func:`named_rows`, skipping the rows the driver cannot turn into Python values
+    (psycopg2 raises for such a row and moves on to the next); returns the rows read and
+    how many were skipped."""
+    names = [column[0] for column in cursor.description]
+    found: list[dict[str, Any]] = []
+    skipped = 0
+    for _ in range(max(cursor.rowcount, 0)):
+        try:
+            values = cursor.fetchone()
+        except (ValueError, OverflowError):
+            skipped += 1
+            continue
+        if values is None:
+            break
+        found.append(dict(zip(names, values, strict=True)))
+    return found, skipped
 
 
 def _driver_job(data: dict[str, Any]) -> Job:

@@ -28,8 +28,9 @@ from .rows import (
     NextSteps,
     job_from_row,
     json_text,
-    named_rows,
     new_row,
+    read_jobs,
+    readable_rows,
     record_params,
     row_params,
     turn_params,
@@ -152,7 +153,10 @@ class RowWriter:
                     _prepare_turn(cursor)
                     self._turn_prepared.add(driver)
                 cursor.execute(EXECUTE_TURN, params)
-                rows = named_rows(cursor)
+                # A claimed row that cannot be read (a timestamp past year 9999 in UTC)
+                # is left out: its message finds nothing claimed, and the worker sets the
+                # job aside (Worker._unclaimed); the other rows go on.
+                rows, _ = readable_rows(cursor)
             except BaseException:
                 # Whatever failed, look again before the next EXECUTE on it.
                 self._turn_prepared.discard(driver)
@@ -173,8 +177,21 @@ class RowWriter:
         the rows claimed, by task id."""
         if not task_ids:
             return {}
-        params = {"task_ids": list(task_ids), "worker": worker, "now": utcnow()}
-        rows = [job_from_row(row) for row in conn.execute(CLAIM, params)]
+        now = utcnow()
+        params = {"task_ids": list(task_ids), "worker": worker, "now": now}
+        try:
+            rows = [job_from_row(row) for row in conn.execute(CLAIM, params)]
+        except (ValueError, OverflowError):
+            # A claimed row cannot be read back (a timestamp past year 9999 in UTC): the
+            # claim stands; read the claimed rows one by one and leave the unreadable
+            # out, for the worker to set aside (Worker._unclaimed).
+            claimed = sa.select(jobs).where(
+                jobs.c.task_id.in_(list(task_ids)),
+                jobs.c.status == Status.STARTED,
+                jobs.c.worker == worker,
+                jobs.c.started_at == now,
+            )
+            rows = read_jobs(conn, claimed, jobs).jobs
         return {row.task_id: row for row in rows}
 
     def record(self, conn: Connection, attempts: Sequence[Attempt]) -> list[list[Job] | None]:

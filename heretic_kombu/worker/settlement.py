@@ -20,7 +20,7 @@ from ..broker import Delivery, Subscription
 from ..exceptions import MalformedMessage, StoreError, WorkerLostError
 from ..execution import Outcome
 from ..status import Status
-from ..store import AttemptResult, Job, NextSteps, utcnow
+from ..store import Attempt, AttemptResult, Job, NextSteps, RowError, utcnow
 from .gates import Revocations, send_revoked
 from .outcomes import Ending, ignored_result, lost_attempt, rejection
 from .turns import Ended
@@ -210,6 +210,68 @@ class Settlement:
         )
         self.app.emit("job_failed", exc, store_call(self.app.store.get, job.task_id) or job)
 
+    # -- one bad row never holds up the others (issue 15) ----------------------------
+
+    def set_aside(self, task_id: str, reason: str, attempt: int | None = None) -> None:
+        """Fail a job whose row this worker cannot write or read, with ``reason``
+        (logged once: the failed row is not handled again)."""
+        try:
+            failed = store_call(self.app.store.set_aside, task_id, reason, attempt)
+        except RowError as exc:
+            logger.error("job %s cannot be set aside either (%s)", task_id, exc)
+            return
+        if failed:
+            logger.error("job %s set aside (failed): %s", task_id, reason)
+
+    def separately(
+        self, finished: list[Ended], results: list[AttemptResult], error: RowError
+    ) -> tuple[list[Ended], list[AttemptResult], list[list[Job] | None]]:
+        """A turn's record failed on a data or constraint error (one attempt's values
+        the table refuses, a follow-up whose row exists already): record each attempt in
+        a statement of its own. One that fails again is set aside (its job failed with
+        the reason, its message acked); returns the others, their results and answers,
+        for :meth:`after_record`."""
+        logger.warning("a turn's record failed (%s): recording its attempts one by one", error)
+        kept: list[Ended] = []
+        kept_results: list[AttemptResult] = []
+        answers: list[list[Job] | None] = []
+        for ended, result in zip(finished, results, strict=True):
+            delivery, job, _ = ended
+            then = self.next_steps(job, result)
+            try:
+                answer = store_call(
+                    self.app.store.record_attempts,
+                    [Attempt(job.task_id, job.attempts, result, then)],
+                )[0]
+            except RowError as exc:
+                self.set_aside(job.task_id, f"outcome cannot be recorded: {exc}", job.attempts)
+                self._subscription.ack(delivery)  # type: ignore[union-attr]
+                continue
+            kept.append(ended)
+            kept_results.append(result)
+            answers.append(answer)
+        return kept, kept_results, answers
+
+    def claim_separately(
+        self, batch: list[tuple[Delivery, Any]], worker: str
+    ) -> tuple[list[tuple[Delivery, Any]], dict[str, Job]]:
+        """A turn's claim failed on a data or constraint error (e.g. a message whose
+        retries make ``attempts`` overflow its column): claim each message alone. One
+        that fails again is set aside (its job failed with the reason, its message
+        dead-lettered); returns the other messages and what was claimed for them."""
+        kept: list[tuple[Delivery, Any]] = []
+        claimed: dict[str, Job] = {}
+        for delivery, message in batch:
+            try:
+                claimed.update(store_call(self.app.store.claim_many, [message.id], worker))
+            except RowError as exc:
+                reason = f"job cannot be claimed: {exc}"
+                self.set_aside(message.id, reason)
+                self.dead_letter(delivery, reason, message.id)
+                continue
+            kept.append((delivery, message))
+        return kept, claimed
+
     def send_revoked(
         self, job: Job, delivery: Delivery, *, terminated: bool, signum: int | None, expired: bool
     ) -> None:
@@ -228,12 +290,17 @@ def store_call(method: Callable[..., _T], *args: Any) -> _T:
     """Call a store method, retrying while the database is unreachable.
 
     Nothing is acked meanwhile, so a worker cut off from its database holds its
-    messages rather than losing what happened to them.
+    messages rather than losing what happened to them. A data or constraint error
+    (:class:`~heretic_kombu.store.RowError`: a value out of its column's range, a
+    duplicate key, a row that cannot be read back) is not an outage: retrying the same
+    statement cannot help, so it is raised for the caller to set that job aside.
     """
     pause = 0.2
     while True:
         try:
             return method(*args)
+        except RowError:
+            raise
         except StoreError as exc:
             logger.error("database unavailable (%s); retrying in %.1fs", exc, pause)
             time.sleep(pause)

@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..store import Job, utcnow
+from ..exceptions import MessageRefused
+from ..store import Job, RowError, utcnow
 from .gates import Revocations
 
 if TYPE_CHECKING:
@@ -74,12 +75,16 @@ class Upkeep:
             return
         self.next_tick = time.monotonic() + self.scheduler_interval
         try:
-            count, errors = self._app.store.publish_due(self._app.publish_jobs)
+            count, errors, set_aside = self._app.store.publish_due(
+                self._app.publish_jobs, refused=_refused
+            )
         except Exception as exc:  # broker or database down: try again next tick
             logger.warning("scheduler: publishing due jobs failed (%r)", exc)
             return
         if count:
             logger.info("scheduler: published %d due job(s)", count)
+        for task_id, reason in set_aside:  # once each: the row is failed now
+            logger.error("scheduler: job %s set aside (failed): %s", task_id, reason)
         if errors:
             logger.warning(
                 "scheduler: %d due job(s) not published, tried again next time (%r)",
@@ -131,14 +136,25 @@ class Upkeep:
 
     def _reconcile(self) -> None:
         """Retry jobs whose worker stopped renewing their lease, and republish rows left
-        ``pending`` by a producer whose publish failed or who died after the commit."""
+        ``pending`` by a producer whose publish failed or who died after the commit.
+
+        One row that cannot be read or written (a value out of its column's range, a
+        timestamp past year 9999 in UTC) is set aside, failed with the reason, and the
+        others are handled; only a database that cannot be reached ends the pass."""
         store = self._app.store
         try:
             now = utcnow()
-            for row in store.find_lost(now - self.lease_timeout):
-                if not self._holds(row.task_id):
+            lost = store.find_lost(now - self.lease_timeout)
+            for bad in lost.unreadable:
+                self._set_aside(bad.task_id, f"row cannot be read: {bad.reason}")
+            for row in lost.jobs:
+                if self._holds(row.task_id):
+                    continue
+                try:
                     self._release_lost(row, f"no heartbeat since {row.updated_at:%H:%M:%S}")
-                    self.next_tick = 0.0  # publish it with this loop turn's scheduler
+                except RowError as exc:
+                    self._set_aside(row.task_id, f"lost attempt cannot be recorded: {exc}")
+                self.next_tick = 0.0  # publish it with this loop turn's scheduler
             requeued = store.requeue_stale_pending(now - self.pending_timeout)
         except Exception as exc:  # database down: the next turn tries again
             logger.warning("reconciler: %r", exc)
@@ -146,3 +162,20 @@ class Upkeep:
         if requeued:
             logger.warning("reconciler: %d job(s) left pending will be published", requeued)
             self.next_tick = 0.0
+
+    def _set_aside(self, task_id: str, reason: str) -> None:
+        """Fail a job the reconciler cannot handle, with ``reason``, logged once (the
+        failed row is not found again)."""
+        try:
+            failed = self._app.store.set_aside(task_id, reason)
+        except RowError as exc:
+            logger.error("reconciler: job %s cannot be set aside either (%s)", task_id, exc)
+            return
+        if failed:
+            logger.error("reconciler: job %s set aside (failed): %s", task_id, reason)
+
+
+def _refused(error: BaseException) -> str | None:
+    """Why a due job can never be published (its job is then failed), or ``None`` if
+    the broker may take it later (it stays due)."""
+    return str(error) if isinstance(error, MessageRefused) else None

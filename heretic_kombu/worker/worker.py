@@ -49,7 +49,7 @@ from .. import retry as retry_policy
 from ..broker import Delivery, Subscription
 from ..exceptions import EncodeError, MalformedMessage
 from ..status import Status
-from ..store import Attempt, Job, NewJob, utcnow
+from ..store import Attempt, Job, NewJob, RowError, utcnow
 from .gates import RateLimits, Revocations, TimeLimits
 from .outcomes import Ending, attempt_result
 from .pool import POOLS, Pool
@@ -405,7 +405,11 @@ class Worker:
             attempts=message.retries,
             workflow=_workflow_of(message),
         )
-        store_call(self.app.store.insert_if_missing, row)
+        try:
+            store_call(self.app.store.insert_if_missing, row)
+        except RowError as exc:  # a value the table cannot hold: no row was written
+            self._settle.dead_letter(delivery, f"job row cannot be written: {exc}", message.id)
+            return False
         if later:
             # The eta waits in the table, not as an unacked message (invariant 7).
             self._subscription.ack(delivery)  # type: ignore[union-attr]
@@ -417,7 +421,15 @@ class Worker:
         """A message whose job could not be claimed: missing row (dead letter), a copy of a
         job running here, a lost attempt to recover, or nothing to do (acked)."""
         store = self.app.store
-        row = store_call(store.get, message.id)
+        try:
+            row = store_call(store.get, message.id)
+        except RowError as exc:
+            # Claimed (or not) but its row cannot be read back (a timestamp past year
+            # 9999 in UTC): the job cannot run; set it aside and let the message go.
+            reason = f"job row cannot be read: {exc}"
+            self._settle.set_aside(message.id, reason)
+            self._settle.dead_letter(delivery, reason, message.id)
+            return None
         if row is None:
             self._settle.dead_letter(
                 delivery,
@@ -593,18 +605,24 @@ class Worker:
         follow-ups, and start what it claimed."""
         assert self._turn is not None
         turn, self._turn = self._turn, None
+        finished, results, batch = turn.finished, turn.results, turn.batch
         try:
             answers, claimed = turn.future.result()
+        except RowError as exc:
+            # A value the table refuses (issue 15, item 1): nothing of the turn was
+            # written; each attempt and each claim again alone, the bad one set aside.
+            finished, results, answers = self._settle.separately(finished, results, exc)
+            batch, claimed = self._settle.claim_separately(batch, self.name)
         except Exception as exc:
             if turn.finished:
                 raise  # a bug recording outcomes: stop, and the messages come back
             for delivery, _ in turn.batch:
                 self._settle.internal_error(delivery, exc)
             return
-        self._settle.after_record(turn.finished, turn.results, answers)
+        self._settle.after_record(finished, results, answers)
         self._unrecorded.difference_update(job.task_id for _, job, _ in turn.finished)
-        if turn.batch:
-            self._start_claimed(turn.batch, claimed)
+        if batch:
+            self._start_claimed(batch, claimed)
 
     # -- runtime controls: revoke, Reject/Ignore, time limits, rate limits -------------
 
