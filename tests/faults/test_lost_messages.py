@@ -21,7 +21,7 @@ def test_rabbitmq_losing_its_queue_mid_run_loses_no_job(faults, backend):
     faults.monkeypatch.setenv("HERETIC_LEASE_TIMEOUT", "10")
     app = faults.app()
     faults.start_worker(concurrency=4)
-    submitted = faults.submit(500, 0.02)
+    submitted = faults.submit(500, 0.2)
     time.sleep(1.0)
     with app.broker.connect() as conn:  # the test's own queue only
         conn.default_channel.queue_delete(backend.queue)
