@@ -335,6 +335,105 @@ def _failed_body(
     return rows, []
 
 
+# -- retrying a step ---------------------------------------------------------------
+
+#: How a step that never ran says so in its ``attempt_logs`` (rows.NewJob's ``note``).
+_NOT_RUN = " not run: "
+
+
+@dataclasses.dataclass
+class RetryPlan:
+    """What retrying one job takes so that its workflow resumes (see
+    :meth:`heretic_kombu.store.History.retry_step`), or why it is refused."""
+
+    refused: str | None = None
+    #: Rows written failed, never run, for the steps after this one: deleted on retry.
+    forget: list[str] = dataclasses.field(default_factory=list)
+    #: The chord this job counts toward (resumed if this job's failure failed it).
+    chord_group: str | None = None
+    #: New arguments: a step that never ran, given its parent's result.
+    payload: serialization.RawJSON | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Nothing beyond a plain retry of the row."""
+        return not (self.forget or self.chord_group or self.payload is not None)
+
+
+def never_ran(job: Job) -> bool:
+    """A row written failed for a workflow step that never ran (an earlier step or a
+    chord header job failed)."""
+    return (
+        job.status == Status.FAILED
+        and job.attempts == 0
+        and any(_NOT_RUN in line for line in job.attempt_logs)
+    )
+
+
+def plan_retry(
+    app: AppLike, job: Job, parent: Job | None, chord_state: tuple[Any, bool]
+) -> RetryPlan:
+    """What a retry of ``job`` must do so its workflow resumes, given its parent's row
+    and ``(body, failed)`` of the chord it counts toward (``(None, False)`` if none).
+
+    A step that ran keeps its place: the steps after it that were written failed
+    without running are forgotten, to be written again when it succeeds, and a chord
+    its failure failed waits again. A step that never ran runs with its parent's stored
+    result, if that parent succeeded; otherwise the retry is refused with the reason.
+    """
+    workflow = job.workflow or {}
+    if never_ran(job):
+        chord_body = any("chord header job" in line for line in job.attempt_logs)
+        if chord_body:
+            return RetryPlan(
+                refused=(
+                    f"this chord body never ran: a header job ({job.parent_id}) failed;"
+                    " retry the failed header job(s) and the chord completes"
+                )
+            )
+        if parent is None or parent.status != Status.SUCCEEDED:
+            state = "gone" if parent is None else parent.status
+            return RetryPlan(
+                refused=(
+                    f"this step never ran: the step before it ({job.parent_id}) is {state};"
+                    " retry that step and the workflow resumes from it"
+                )
+            )
+        args = [parent.result, *job.args]
+        payload = serialization.dumps({"args": args, "kwargs": job.kwargs})
+        return RetryPlan(payload=payload)
+    planned = RetryPlan()
+    for step in workflow.get("chain") or ():
+        planned.forget.extend(_step_ids(app, signature(step, app=app)))
+    group_id = retry_chord_group(job)
+    body, failed = chord_state
+    if group_id and failed and body is not None:
+        planned.chord_group = group_id
+        done, _ = plan(app, signature(body, app=app).clone(), Lineage())
+        if done.jobs:
+            planned.forget.append(done.jobs[0].task_id)
+    return planned
+
+
+def retry_chord_group(job: Job) -> str | None:
+    """The chord ``job`` counts toward (as a header job, or a step of a header chain)."""
+    workflow = job.workflow or {}
+    if workflow.get("chord") and job.group_id:
+        return job.group_id
+    tail_options = ((workflow.get("chain") or [None])[0] or {}).get("options") or {}
+    group = tail_options.get("group_id") if tail_options.get("chord") else None
+    return group if isinstance(group, str) else None
+
+
+def _step_ids(app: AppLike, step: Signature) -> list[str]:
+    """The ids of the rows :func:`_never_run` writes for ``step``."""
+    if isinstance(step, chord):
+        return _step_ids(app, step.body) if step.body is not None else []
+    if isinstance(step, (group, chain)):
+        return [found for member in step.tasks for found in _step_ids(app, member)]
+    return [step.id] if step.id is not None else []
+
+
 # -- helpers -----------------------------------------------------------------------
 
 

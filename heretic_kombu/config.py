@@ -81,6 +81,15 @@ class Settings:
     lease_timeout: float = 30.0
     #: A ``pending`` row older than this (publish failed after commit) is published again.
     pending_timeout: float = 60.0
+    #: A ``queued`` row older than this whose message the broker may have lost (its
+    #: queue holds fewer ready messages than there are such rows, or was re-created) is
+    #: published again; duplicates are harmless, the claim decides. 0 turns it off.
+    queued_timeout: float = 300.0
+    #: At most this many ``queued`` rows are published again per reconciler pass.
+    queued_republish_limit: int = 500
+    #: A message whose task this worker does not know is passed back to its queue this
+    #: many times (for a worker that knows it), then dead-lettered; its job is untouched.
+    unknown_task_requeues: int = 3
     #: Longest pause between two reads of the row while AsyncResult.get() waits, in seconds.
     result_poll_interval: float = 0.2
     #: Passed to kombu's Connection (e.g. {"polling_interval": 0.05} for the embedded broker).

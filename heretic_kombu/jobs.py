@@ -13,11 +13,12 @@ import datetime as dt
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import protocol
+from . import canvas, protocol
 from .broker.deadletters import DeadLetter, DeadLetters
 from .core.protocols import AppLike
 from .exceptions import MalformedMessage
 from .search import JobQuery, Page, moment, parse_duration
+from .status import Status
 from .store.history import RETRYABLE, History, Stats
 
 if TYPE_CHECKING:
@@ -66,8 +67,33 @@ class Jobs:
         return self.history.get(key)
 
     def retry(self, task_id: str) -> bool:
-        """Send a failed or revoked job again (same id, one more attempt, logged)."""
+        """Send a failed or revoked job again (same id, one more attempt, logged);
+        ``False`` if it cannot be (see :meth:`retry_refusal`)."""
         return self._retry([task_id]) == 1
+
+    def retry_refusal(self, job: Job) -> str | None:
+        """Why ``job`` cannot be retried, or ``None`` if it can: it is not failed or
+        revoked, or it is a workflow step that never ran and whose parent's result is
+        not there to run it with."""
+        if job.status not in RETRYABLE:
+            return f"it is {job.status}; only failed or revoked jobs can be retried"
+        return self._retry_plan(job).refused
+
+    def requeue(self, task_id: str) -> bool:
+        """Publish a ``queued`` or ``started`` job again whose message the broker lost
+        (logged; a copy still delivered is harmless: the claim decides)."""
+        rows = self.history.requeue([task_id])
+        self.app.deliver_all(rows)
+        return len(rows) == 1
+
+    def _retry_plan(self, job: Job) -> canvas.RetryPlan:
+        """What retrying ``job`` takes so that its workflow resumes."""
+        if not job.workflow and not canvas.never_ran(job):
+            return canvas.RetryPlan()
+        parent = self.history.get(job.parent_id) if job.parent_id else None
+        group = canvas.retry_chord_group(job)
+        chord_state = self.history.chord_body(group) if group else (None, False)
+        return canvas.plan_retry(self.app, job, parent, chord_state)
 
     def retry_matching(self, **filters: Any) -> int:
         """Retry every failed/revoked job matching the filters; returns how many."""
@@ -83,7 +109,27 @@ class Jobs:
         return total + self._retry(ids)
 
     def _retry(self, task_ids: list[str]) -> int:
-        rows = self.history.retry(task_ids)
+        """Retry ``task_ids``: plain rows in one statement; workflow steps one by one,
+        so that their workflow resumes (or not at all, if refused)."""
+        plain: list[str] = []
+        rows: list[Job] = []
+        for task_id in task_ids:
+            job = self.history.get(task_id)
+            if job is None or job.status not in RETRYABLE:
+                continue
+            planned = self._retry_plan(job)
+            if planned.refused:
+                continue
+            if planned.plain:
+                plain.append(job.task_id)
+                continue
+            rows += self.history.retry_step(
+                job.task_id,
+                forget=planned.forget,
+                chord_group=planned.chord_group,
+                payload=planned.payload,
+            )
+        rows += self.history.retry(plain)
         self.app.deliver_all(rows)
         return len(rows)
 
@@ -153,7 +199,10 @@ class Jobs:
                     letter.queue,
                 )
                 return
-            rows = self.history.retry([row.task_id], who="dead-letter replay")
+            if row.status == Status.QUEUED:  # it never ran (e.g. no worker knew its task)
+                rows = self.history.requeue([row.task_id], who="dead-letter replay")
+            else:
+                rows = self.history.retry([row.task_id], who="dead-letter replay")
             self.app.deliver_all(rows)
 
         dead = DeadLetters(self.app.broker, queue or self.app.settings.default_queue)

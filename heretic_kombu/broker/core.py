@@ -111,6 +111,23 @@ class Broker(Topology):
             )
         )
 
+    def publish_copy(self, delivery: Delivery, headers: dict[str, Any]) -> None:
+        """Publish a copy of a received delivery, with ``headers``, to its own queue (a
+        message handed on to another consumer); waits for the broker's confirm."""
+        body = delivery.body if delivery.body is not None else b""
+        self._publish_one(
+            Outgoing(
+                body,
+                headers,
+                delivery.queue,
+                delivery.queue,
+                delivery.priority,
+                headers.get("id") if isinstance(headers.get("id"), str) else None,
+                delivery.queue,
+                content_type=delivery.content_type or protocol.CONTENT_TYPE,
+            )
+        )
+
     def _publish_one(self, message: Outgoing) -> None:
         error = self.publish_all([message])[0]
         if error is not None:

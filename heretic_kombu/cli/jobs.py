@@ -19,7 +19,11 @@ import click
 from ..search import Where, parse_duration
 from ..status import ALL_STATUSES, TERMINAL
 from ..store import Job
+from ..store.history import REQUEUABLE
 from .main import EXIT_NOT_FOUND, State, app_option, cli
+
+#: A command refused (as click's usage errors).
+EXIT_USAGE = 2
 
 
 def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -181,19 +185,23 @@ def jobs_show(state: State, task_id: str, as_json: bool) -> None:
 @click.argument("task_ids", nargs=-1)
 @filter_options
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--requeue",
+    is_flag=True,
+    help="Also publish again named queued or started jobs whose message the broker lost.",
+)
 @click.pass_obj
-def jobs_retry(state: State, /, task_ids: tuple[str, ...], yes: bool, **options: Any) -> None:
+def jobs_retry(
+    state: State, /, task_ids: tuple[str, ...], yes: bool, requeue: bool, **options: Any
+) -> None:
     """Send failed or revoked jobs again: the ones named, or every one matching the
     filters (asks first, unless --yes). Each keeps its id and history; the retry is
-    logged in its attempt_logs."""
+    logged in its attempt_logs. A workflow step keeps its place in its workflow; a
+    step that never ran and cannot be run (its parent did not succeed) is refused
+    (exit 2). With --requeue, a named queued or started job is published again."""
     app = state.app()
     if task_ids:
-        missing = [t for t in task_ids if app.jobs.get(t) is None]
-        if missing:
-            click.echo(f"no job {', '.join(missing)}", err=True)
-            raise SystemExit(EXIT_NOT_FOUND)
-        done = sum(app.jobs.retry(app.jobs.get(t).task_id) for t in task_ids)  # type: ignore[union-attr]
-        click.echo(f"retried {done} of {len(task_ids)} job(s)")
+        _retry_named(app, task_ids, requeue)
         return
     filters = query_filters(**options)
     if not filters["status"]:
@@ -207,6 +215,39 @@ def jobs_retry(state: State, /, task_ids: tuple[str, ...], yes: bool, **options:
     if not yes:
         click.confirm(f"Retry {count} job(s)?", abort=True)
     click.echo(f"retried {_checked(lambda: app.jobs.retry_matching(**filters))} job(s)")
+
+
+def _retry_named(app: Any, task_ids: tuple[str, ...], requeue: bool) -> None:
+    """``jobs retry ID…``: retry (or with ``requeue``, publish again) each named job;
+    exit 2 if one was refused."""
+    found = {key: app.jobs.get(key) for key in task_ids}
+    missing = [key for key, job in found.items() if job is None]
+    if missing:
+        click.echo(f"no job {', '.join(missing)}", err=True)
+        raise SystemExit(EXIT_NOT_FOUND)
+    done, refused = 0, 0
+    for job in found.values():
+        if job.status in REQUEUABLE:
+            if not requeue:
+                click.echo(
+                    f"{job.task_id}: not retried, it is {job.status} (its message may still"
+                    " be on its way); --requeue publishes it again if the broker lost it",
+                    err=True,
+                )
+                refused += 1
+            elif app.jobs.requeue(job.task_id):
+                click.echo(f"{job.task_id}: requeued (was {job.status})")
+                done += 1
+            continue
+        reason = app.jobs.retry_refusal(job)
+        if reason is not None:
+            click.echo(f"{job.task_id}: not retried, {reason}", err=True)
+            refused += 1
+        elif app.jobs.retry(job.task_id):
+            done += 1
+    click.echo(f"retried {done} of {len(task_ids)} job(s)")
+    if refused:
+        raise SystemExit(EXIT_USAGE)
 
 
 @jobs.command("cancel")

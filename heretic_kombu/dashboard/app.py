@@ -250,12 +250,17 @@ class Dashboard:
     async def job(self, request: Request) -> Response:
         job = await self._job(request.path_params["key"])
         lineage = await self.call(data.lineage, self.app, job)
+        refusal = None
+        if job.status in data.RETRYABLE:
+            refusal = await self.call(self.app.jobs.retry_refusal, job)
         return self.render(
             request,
             "job.html",
             job=job,
             lineage=lineage,
-            can_retry=job.status in data.RETRYABLE,
+            can_retry=job.status in data.RETRYABLE and refusal is None,
+            retry_refusal=refusal,
+            can_requeue=job.status in data.REQUEUABLE,
             can_cancel=job.status in data.CANCELLABLE,
             nav="jobs",
         )
@@ -311,9 +316,16 @@ class Dashboard:
     # -- actions ----------------------------------------------------------------
 
     async def retry(self, request: Request) -> Response:
-        await self.form(request)
+        fields = await self.form(request)
         job = await self._job(request.path_params["key"])
-        done = job.status in data.RETRYABLE and await self.call(self.app.jobs.retry, job.task_id)
+        if job.status in data.REQUEUABLE:
+            # A job whose message the broker lost: only when the operator confirmed it.
+            done = fields.get("requeue") == "lost" and await self.call(
+                self.app.jobs.requeue, job.task_id
+            )
+        else:
+            retry = self.app.jobs.retry
+            done = job.status in data.RETRYABLE and await self.call(retry, job.task_id)
         return _back(f"/jobs/{job.task_id}", "retried" if done else "not-retried")
 
     async def cancel(self, request: Request) -> Response:

@@ -32,6 +32,8 @@ RECENT = dt.timedelta(hours=1)
 CANCELLABLE = (Status.PENDING, Status.SCHEDULED, Status.QUEUED, Status.RETRYING)
 #: Statuses a job can be retried in.
 RETRYABLE = (Status.FAILED, Status.REVOKED)
+#: Statuses a job can be published again in, once the operator says its message is lost.
+REQUEUABLE = (Status.QUEUED, Status.STARTED)
 #: Most related jobs shown on a job's page (per kind of relation).
 LINEAGE_LIMIT = 100
 
@@ -171,6 +173,7 @@ def pretty(value: Any) -> str:
 
 __all__ = [
     "CANCELLABLE",
+    "REQUEUABLE",
     "RETRYABLE",
     "Lineage",
     "MetricsData",

@@ -25,10 +25,13 @@ from ..status import TERMINAL, Status
 from .jobstore import JobStore
 from .rows import Job, job_from_row, read_jobs, stamp, utcnow
 from .statements import append_log
-from .tables import jobs
+from .tables import chords, jobs
 
 #: Statuses an operator may send again (``heretic jobs retry``).
 RETRYABLE = (Status.FAILED, Status.REVOKED)
+#: Statuses whose message an operator may publish again, if the broker lost it
+#: (``heretic jobs retry --requeue``).
+REQUEUABLE = (Status.QUEUED, Status.STARTED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +158,117 @@ class History:
                     eta=None,
                     expires_at=None,
                     finished_at=None,
+                    updated_at=now,
+                    attempt_logs=logged,
+                )
+                .returning(*jobs.c)
+            ).all()
+        return [job_from_row(row) for row in rows]
+
+    def retry_step(
+        self,
+        task_id: str,
+        *,
+        forget: Sequence[str] = (),
+        chord_group: str | None = None,
+        payload: serialization.RawJSON | None = None,
+        who: str = "operator",
+    ) -> list[Job]:
+        """:meth:`retry` one workflow step so that its workflow resumes, in one commit.
+
+        ``forget``: rows written failed for steps that never ran because this one failed
+        (later chain steps, a chord's body), deleted if they still never ran, so the
+        step's success writes them afresh rather than a second time. ``chord_group``: the
+        chord this job counts toward; a chord failed by it waits again for its header
+        jobs that have not succeeded. ``payload``: new arguments (a step that never ran,
+        given its parent's result). Returns the row changed, for the caller to publish.
+        """
+        now = utcnow()
+        logged = append_log(f"{stamp(now)} retried by {who}", self.store.is_postgresql)
+        values: dict[str, Any] = {
+            "status": Status.PENDING,
+            "max_attempts": jobs.c.attempts + 1,
+            "eta": None,
+            "expires_at": None,
+            "finished_at": None,
+            "updated_at": now,
+            "attempt_logs": logged,
+        }
+        if payload is not None:
+            values["payload"] = payload
+        with self.store.write() as conn:
+            rows = conn.execute(
+                jobs.update()
+                .where(jobs.c.task_id == task_id, jobs.c.status.in_(RETRYABLE))
+                .values(**values)
+                .returning(*jobs.c)
+            ).all()
+            if not rows:
+                return []
+            never_ran = [other for other in forget if other != task_id]
+            if never_ran:
+                conn.execute(
+                    jobs.delete().where(
+                        jobs.c.task_id.in_(never_ran),
+                        jobs.c.status == Status.FAILED,
+                        jobs.c.attempts == 0,
+                    )
+                )
+            if chord_group is not None:
+                succeeded = (
+                    sa.select(sa.func.count())
+                    .select_from(jobs)
+                    .where(jobs.c.group_id == chord_group, jobs.c.status == Status.SUCCEEDED)
+                    .scalar_subquery()
+                )
+                conn.execute(
+                    chords.update()
+                    .where(chords.c.group_id == chord_group, chords.c.remaining < 0)
+                    .values(remaining=chords.c.total - succeeded)
+                )
+        return [job_from_row(row) for row in rows]
+
+    def chord_body(self, group_id: str) -> Any:
+        """The body (a signature as JSON data) of chord ``group_id``, and whether the
+        chord failed; ``(None, False)`` if there is no such chord."""
+        with self.store.read() as conn:
+            row = conn.execute(
+                sa.select(chords.c.body, chords.c.remaining).where(chords.c.group_id == group_id)
+            ).first()
+        if row is None:
+            return None, False
+        body = row.body
+        if isinstance(body, (str, bytes)):
+            body = serialization.loads(body)
+        return body, row.remaining < 0
+
+    def requeue(self, task_ids: Sequence[str], who: str = "operator") -> list[Job]:
+        """Publish again ``queued`` or ``started`` jobs whose message the broker lost.
+
+        Each row goes back to ``pending`` (a started attempt stays counted, and one more
+        is allowed), logged in its ``attempt_logs``; a copy of its message still in the
+        broker, or its worker still running it, is made harmless by the claim (a
+        superseded attempt records nothing). Returns the rows changed, to publish.
+        """
+        if not task_ids:
+            return []
+        now = utcnow()
+        logged = append_log(
+            f"{stamp(now)} retried by {who}: requeued, its message was lost",
+            self.store.is_postgresql,
+        )
+        with self.store.write() as conn:
+            rows = conn.execute(
+                jobs.update()
+                .where(jobs.c.task_id.in_(list(task_ids)), jobs.c.status.in_(REQUEUABLE))
+                .values(
+                    status=Status.PENDING,
+                    max_attempts=sa.case(
+                        (jobs.c.max_attempts > jobs.c.attempts, jobs.c.max_attempts),
+                        else_=jobs.c.attempts + 1,
+                    ),
+                    eta=None,
+                    worker=None,
                     updated_at=now,
                     attempt_logs=logged,
                 )
@@ -377,4 +491,4 @@ def _parse_time(value: Any) -> dt.datetime:
     return _aware(dt.datetime.fromisoformat(value))
 
 
-__all__ = ["RETRYABLE", "History", "Stats"]
+__all__ = ["REQUEUABLE", "RETRYABLE", "History", "Stats"]

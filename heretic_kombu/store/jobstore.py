@@ -64,6 +64,7 @@ from .statements import (
     MARK_QUEUED,
     MARK_QUEUED_ANY,
     STATUS,
+    TRY_LOST_MESSAGES_LOCK,
     TRY_SCHEDULER_LOCK,
     append_log,
     current_attempt,
@@ -509,6 +510,74 @@ class JobStore:
                 .values(status=Status.SCHEDULED, eta=now, updated_at=now)
             )
         return result.rowcount
+
+    def requeue_lost_queued(
+        self,
+        queues: Sequence[str],
+        cutoff: dt.datetime,
+        ready: Callable[[str], int],
+        limit: int,
+    ) -> dict[str, int]:
+        """Make due again ``queued`` rows of ``queues`` whose message the broker lost,
+        so the scheduler publishes them again; returns how many per queue.
+
+        A queue is looked at only if it has rows ``queued`` since before ``cutoff``;
+        ``ready(queue)`` tells how many messages the broker holds ready in it. Only a
+        broker holding fewer messages than the queue has ``queued`` rows can have lost
+        some: then at most that shortfall of the oldest such rows (and at most
+        ``limit`` in all) go back, so an honest backlog is never copied. A copy of a
+        message that was not lost after all is harmless: the claim decides. One
+        reconciler does this at a time (an advisory lock on PostgreSQL, the write lock
+        on SQLite).
+        """
+        if not queues:
+            return {}
+        now = utcnow()
+        done: dict[str, int] = {}
+        with self.write() as conn:
+            if self.is_postgresql and not conn.execute(TRY_LOST_MESSAGES_LOCK).scalar():
+                return {}
+            waiting = conn.execute(
+                sa.select(
+                    jobs.c.queue_name,
+                    sa.func.count(),
+                    sa.func.sum(sa.case((jobs.c.updated_at < cutoff, 1), else_=0)),
+                )
+                .where(jobs.c.status == Status.QUEUED, jobs.c.queue_name.in_(list(queues)))
+                .group_by(jobs.c.queue_name)
+            ).all()
+            for queue, total, stale in waiting:
+                if not stale or limit <= 0:
+                    continue
+                missing = min(int(total) - ready(queue), int(stale), limit)
+                if missing <= 0:
+                    continue
+                oldest = (
+                    sa.select(jobs.c.id)
+                    .where(
+                        jobs.c.status == Status.QUEUED,
+                        jobs.c.queue_name == queue,
+                        jobs.c.updated_at < cutoff,
+                    )
+                    .order_by(jobs.c.updated_at)
+                    .limit(missing)
+                )
+                ids = [row.id for row in conn.execute(oldest)]
+                changed = conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id.in_(ids), jobs.c.status == Status.QUEUED)
+                    .values(
+                        status=Status.SCHEDULED,
+                        eta=now,
+                        updated_at=now,
+                        attempt_logs=self._append(
+                            f"{stamp(now)} published again: its message was not in {queue}"
+                        ),
+                    )
+                ).rowcount
+                done[queue] = changed
+                limit -= changed
+        return done
 
     def record_attempt(
         self,

@@ -32,6 +32,10 @@ LISTEN_DONE = f"LISTEN {DONE_CHANNEL}"
 SCHEDULER_LOCK_KEY = 0x68657266
 #: Takes the scheduler's lock for the transaction, if no other scheduler holds it.
 TRY_SCHEDULER_LOCK = sa.select(sa.func.pg_try_advisory_xact_lock(SCHEDULER_LOCK_KEY))
+# PostgreSQL advisory lock held by the one reconciler looking for lost messages at a time.
+LOST_MESSAGES_LOCK_KEY = 0x68657267
+#: Takes that lock for the transaction, if no other reconciler holds it.
+TRY_LOST_MESSAGES_LOCK = sa.select(sa.func.pg_try_advisory_xact_lock(LOST_MESSAGES_LOCK_KEY))
 
 
 # -- helpers to write the statements ---------------------------------------------------

@@ -32,6 +32,9 @@ logger = logging.getLogger("heretic_kombu.worker")
 
 _T = TypeVar("_T")
 
+#: How many times a message this worker could not run was passed back to its queue.
+PASSED_ON_HEADER = "x-heretic-passed-on"
+
 
 class Settlement:
     """Applies outcomes for the worker named ``name``; ``publish_soon`` asks the
@@ -77,6 +80,36 @@ class Settlement:
                 why,
             )
         return give_up is None
+
+    def pass_on(self, delivery: Delivery, reason: str, task_id: str | None) -> None:
+        """A message this worker cannot run (its task is not registered here): its job's
+        row is left as it is; the message goes back to its queue, for a worker that knows
+        the task, at most ``unknown_task_requeues`` times (a header counts them), then
+        to the dead-letter queue with ``reason``."""
+        headers = dict(delivery.headers or {})
+        passed = headers.get(PASSED_ON_HEADER)
+        passed = passed if isinstance(passed, int) and not isinstance(passed, bool) else 0
+        if passed >= self.app.settings.unknown_task_requeues:
+            self.dead_letter(delivery, f"{reason} (passed on {passed} time(s))", task_id)
+            return
+        headers[PASSED_ON_HEADER] = passed + 1
+        assert self._subscription is not None
+        if not self._subscription.is_live(delivery):
+            return  # its connection is gone: the broker delivers it again
+        try:
+            self.app.broker.publish_copy(delivery, headers)
+        except Exception as exc:  # no copy: the message itself is the one to keep
+            self.dead_letter(delivery, f"{reason} (not passed on: {exc!r})", task_id)
+            return
+        self._subscription.ack(delivery)
+        logger.warning(
+            "message for task id %s passed back to %s (%d of %d): %s",
+            task_id,
+            delivery.queue,
+            passed + 1,
+            self.app.settings.unknown_task_requeues,
+            reason,
+        )
 
     def dead_letter(self, delivery: Delivery, reason: str, task_id: str | None) -> None:
         logger.error("message dead-lettered to %s.dead: %s", delivery.queue, reason)

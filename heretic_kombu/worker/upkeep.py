@@ -41,8 +41,15 @@ class Upkeep:
         holds: Callable[[str], bool],
         release_lost: Callable[[Job, str], bool],
         revocations: Revocations,
+        queues: list[str] | None = None,
     ) -> None:
         settings = app.settings
+        #: The queues this worker consumes: those whose lost messages it looks for.
+        self.queues = list(queues or [])
+        self.queued_timeout = dt.timedelta(seconds=settings.queued_timeout)
+        self._next_lost_check = time.monotonic() + min(
+            settings.queued_timeout / 4, settings.heartbeat_interval
+        )
         self._app = app
         self._running = running
         self._unrecorded = unrecorded
@@ -71,6 +78,8 @@ class Upkeep:
             self._reconcile()
         if time.monotonic() >= self._next_prune:
             self._prune()
+        if self.queued_timeout and time.monotonic() >= self._next_lost_check:
+            self._find_lost_messages()
         if time.monotonic() < self.next_tick:
             return
         self.next_tick = time.monotonic() + self.scheduler_interval
@@ -113,6 +122,37 @@ class Upkeep:
                 "/".join(settings.prune_status_list),
                 settings.prune_older_than,
             )
+
+    def _find_lost_messages(self) -> None:
+        """Publish again ``queued`` rows whose message the broker lost (a queue deleted,
+        or a broker restarted without its data): rows ``queued`` for longer than
+        ``queued_timeout`` in a queue where the broker holds fewer ready messages than
+        there are ``queued`` rows; at most ``queued_republish_limit`` per pass."""
+        settings = self._app.settings
+        # Every quarter of the timeout, no more often than the reconciler.
+        self._next_lost_check = time.monotonic() + max(
+            self.heartbeat_interval, settings.queued_timeout / 4
+        )
+        try:
+            found = self._app.store.requeue_lost_queued(
+                self.queues,
+                utcnow() - self.queued_timeout,
+                self._app.broker.queue_size,
+                settings.queued_republish_limit,
+            )
+        except Exception as exc:  # broker or database down: the next pass tries again
+            logger.warning("reconciler: looking for lost messages failed (%r)", exc)
+            return
+        for queue, count in found.items():
+            if count:
+                logger.warning(
+                    "reconciler: %d job(s) queued for over %ss in %s, whose messages the"
+                    " broker no longer holds, will be published again",
+                    count,
+                    settings.queued_timeout,
+                    queue,
+                )
+                self.next_tick = 0.0
 
     # -- leases and the reconciler -----------------------------------------------------
 

@@ -135,6 +135,7 @@ class Worker:
             holds=self._holds,
             release_lost=self._settle.release_lost,
             revocations=self._revocations,
+            queues=self.queues,
         )
 
     # -- lifecycle -------------------------------------------------------------
@@ -325,9 +326,10 @@ class Worker:
             self._settle.dead_letter(delivery, str(exc), header_id(delivery))
             return None
         if message.task not in self.app.tasks:
+            # A message never changes a job it cannot run (invariant 11): the row is left
+            # as it is, the message goes to a worker that knows the task, or dead.
             reason = f"unknown task {message.task!r}: not registered in this worker"
-            store_call(self.app.store.fail_unhandleable, message.id, reason)
-            self._settle.dead_letter(delivery, reason, message.id)
+            self._settle.pass_on(delivery, reason, message.id)
             return None
         if message.job_id is None and not self._adopt(delivery, message):
             return None
@@ -340,10 +342,23 @@ class Worker:
             try:
                 # pop: a second copy of one job in the same batch finds it claimed.
                 job = claimed.pop(message.id, None) or self._unclaimed(delivery, message)
-                if job is not None:
+                if job is not None and job.task_name not in self.app.tasks:
+                    self._foreign(delivery, message, job)
+                elif job is not None:
                     self._start(delivery, job)
             except Exception as exc:
                 self._settle.internal_error(delivery, exc)
+
+    def _foreign(self, delivery: Delivery, message: protocol.TaskMessage, job: Job) -> None:
+        """A message naming a job whose task this worker does not know (its id is another
+        task's job): the claim is undone, attempt uncounted, and the message passed on."""
+        store_call(self.app.store.release_unstarted, [(job.task_id, job.attempts)])
+        reason = (
+            f"message for task {message.task!r} names job {job.task_id} of task"
+            f" {job.task_name!r}, not registered in this worker"
+        )
+        self._settle.pass_on(delivery, reason, message.id)
+        self._upkeep.publish_soon()
 
     def _start(self, delivery: Delivery, job: Job) -> None:
         """Hand a claimed job to a pool slot."""
