@@ -74,6 +74,8 @@ REDIS_MODULES = {
     "test_transaction",
     "test_compat_billing",
     "test_hostile_values",
+    "test_bad_rows",
+    "test_intake",
 }
 
 
