@@ -104,7 +104,7 @@ def _message_count(app: Any, queue: str) -> int:
     with app.broker.connect() as conn:
         channel = conn.default_channel
         app.broker.declare(channel, queue)
-        _, count, _ = app.broker.queue(queue)(channel).queue_declare(passive=True)
+        _, count, _ = app.broker.queue(queue)(channel).queue_declare()
         return int(count)
 
 
