@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from . import canvas, execution, protocol, result, serialization, signals
+from . import canvas, execution, limits, protocol, result, serialization, signals
 from . import retry as retry_policy
 from . import transaction as _transaction
 from .broker import Broker
@@ -421,18 +421,17 @@ class Heretic:
         """The row for one call of task ``name``: arguments encoded, queue routed, eta
         and expiry resolved. Nothing is written yet.
 
+        Every value is checked here, the one door of every new job (``delay``,
+        ``apply_async``, ``send_task``, canvas, beat), by :mod:`heretic_kombu.limits`.
+
         Raises:
             EncodeError: the arguments are not JSON.
+            InvalidValue: a value the table, the broker or a worker cannot hold (a date
+                out of range, a priority above the queue's, a message larger than
+                ``max_message_size``, a NUL in a name...).
         """
         _check_options(options)
-        limits = (options.pop("time_limit", None), options.pop("soft_time_limit", None))
-        if limits != (None, None):  # per-call limits travel with the row (and message)
-            for value in limits:
-                if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-                    raise ValueError("time_limit/soft_time_limit must be positive seconds")
-            extra = serialization.loads(workflow) if workflow else {}
-            extra["timelimit"] = list(limits)
-            workflow = serialization.dumps(extra)
+        limits.name(name, "task name")
         task = self.tasks.get(name)
         if task is not None:
             if max_attempts is None:
@@ -443,19 +442,38 @@ class Heretic:
                 priority = task.priority
         if max_attempts is None:
             max_attempts = retry_policy.max_attempts_for(3)
-        task_id = protocol.check_task_id(task_id) if task_id else protocol.new_task_id()
         now = utcnow()
-        run_at = retry_policy.next_run_at(now, eta if eta is not None else countdown)
-        expires_at = None
-        if expires is not None:
-            expires_at = retry_policy.next_run_at(now, expires)
+        checked = limits.call(
+            {
+                **options,
+                "task_id": task_id,
+                "countdown": countdown,
+                "eta": eta,
+                "expires": expires,
+                "queue": queue,
+                "priority": priority,
+                "max_attempts": max_attempts,
+            },
+            now=now,
+            max_priority=self.settings.queue_max_priority,
+        )
+        options.pop("time_limit", None), options.pop("soft_time_limit", None)
+        if checked.time_limits != (None, None):  # per-call limits travel with the row
+            extra = serialization.loads(workflow) if workflow else {}
+            extra["timelimit"] = list(checked.time_limits)
+            workflow = serialization.dumps(extra)
+        task_id = protocol.check_task_id(task_id) if task_id else protocol.new_task_id()
+        run_at = checked.run_at
+        expires_at = checked.expires_at
         payload = serialization.dumps({"args": list(args), "kwargs": dict(kwargs)})
+        limits.message_size((payload, workflow), self.settings.max_message_size)
         # The call's queue, then Celery's task_routes, then the task's own, then the default.
-        queue_name = (
+        queue_name = limits.short_string(
             queue
             or route(self.conf.get("task_routes"), name, args, kwargs)
             or (task.queue if task is not None else None)
-            or self.settings.default_queue
+            or self.settings.default_queue,
+            "queue",
         )
         scheduled = run_at > now
         return NewJob(
@@ -486,7 +504,9 @@ class Heretic:
         return self._send(sig)
 
     def _send(self, sig: Signature) -> Any:
-        """Plan ``sig`` under the task sending it (if any), write, publish."""
+        """Check ``sig``'s values, plan it under the task sending it (if any), write,
+        publish."""
+        canvas.check(self, sig)
         parent = current_request()
         lineage = canvas.Lineage()
         if parent is not None and not parent.called_directly:

@@ -16,10 +16,11 @@ commit, so a workflow never loses a step between two jobs.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import itertools
 from typing import TYPE_CHECKING, Any
 
-from . import failure, protocol, serialization
+from . import failure, limits, protocol, serialization
 from .core.protocols import AppLike
 from .exceptions import ChordError
 from .execution import apply_eagerly as apply_eagerly
@@ -75,6 +76,40 @@ class Lineage:
 
     parent_id: str | None = None
     root_id: str | None = None
+
+
+#: Options of a signature that hold signatures sent later (when a job ends).
+_LATER = ("link", "link_error", "chain", "chord")
+
+
+def check(app: AppLike, sig: Signature) -> None:
+    """Check the values of every signature in ``sig`` at the call, the ones sent later
+    (links, the rest of a chain, a chord's body) included: a value no job could hold
+    is refused here (:class:`InvalidValue`), not when a worker plans the next step.
+
+    The rules are :mod:`heretic_kombu.limits`' (:meth:`build_job` applies them to the
+    jobs planned now). A single task with no linked signature has nothing to check here.
+    """
+    if sig.subtask_type is None and not any(sig.options.get(key) for key in _LATER):
+        return
+    now = dt.datetime.now(dt.timezone.utc)
+    maximum = app.settings.queue_max_priority
+    stack: list[Any] = [sig]
+    while stack:
+        item = signature(stack.pop(), app=app)
+        if item.subtask_type is None:
+            limits.name(item.name, "task name")
+        limits.call(item.options, now=now, max_priority=maximum)
+        for key in _LATER:
+            value = item.options.get(key)
+            if value:
+                stack.extend(value if isinstance(value, (list, tuple)) else [value])
+        if isinstance(item, (chain, group)):
+            stack.extend(item.tasks)
+        elif isinstance(item, chord):
+            stack.extend(item.header.tasks)
+            if item.body is not None:
+                stack.append(item.body)
 
 
 def plan(app: AppLike, sig: Signature, lineage: Lineage = Lineage()) -> tuple[Plan, Any]:

@@ -101,6 +101,9 @@ class Settings:
     #: With quorum queues, deliveries of one message before RabbitMQ dead-letters it
     #: (x-delivery-limit): a second guard against a job that kills its worker forever.
     delivery_limit: int = 20
+    #: Largest message body the broker accepts, in bytes: a call whose encoded arguments
+    #: are larger is refused (InvalidValue). RabbitMQ's default max_message_size, 128 MiB.
+    max_message_size: int = 134_217_728
     #: Seconds to wait for the broker to confirm one publish.
     confirm_timeout: float = 10.0
     #: Run tasks in the calling process instead of sending them (Celery's task_always_eager).
@@ -200,6 +203,14 @@ class Settings:
             )
         if not self.default_queue:
             raise ConfigurationError(f"default_queue ({env_var('default_queue')}) is empty")
+        if self.max_message_size < 1:
+            raise ConfigurationError(
+                f"max_message_size ({env_var('max_message_size')}) must be a number of bytes > 0"
+            )
+        if self.queue_max_priority is not None and not 0 <= self.queue_max_priority <= 255:
+            raise ConfigurationError(
+                f"queue_max_priority ({env_var('queue_max_priority')}) must be 0..255"
+            )
         for name in ("time_limit", "soft_time_limit"):
             limit = getattr(self, name)
             if limit is not None and not limit > 0:

@@ -18,8 +18,8 @@ import socket
 import uuid
 from typing import Any
 
-from . import serialization
-from .exceptions import MalformedMessage
+from . import limits, serialization
+from .exceptions import EncodeError, InvalidValue, MalformedMessage
 
 CONTENT_TYPE = "application/json"
 JOB_ID_HEADER = "heretic_job_id"
@@ -100,33 +100,50 @@ def decode(
     if not (isinstance(decoded, list) and len(decoded) == 3):
         raise MalformedMessage("body must be a JSON array [args, kwargs, embed]")
     args, kwargs, embed = decoded
-    task = headers["task"]
-    if not isinstance(task, str) or not task:
-        raise MalformedMessage("header 'task' must be a non-empty string")
     if not isinstance(args, list):
         raise MalformedMessage("body[0] (args) must be a JSON array")
     if not isinstance(kwargs, dict):
         raise MalformedMessage("body[1] (kwargs) must be a JSON object")
     if embed is not None and not isinstance(embed, dict):
         raise MalformedMessage("body[2] (embed) must be a JSON object or null")
+    try:
+        return _checked(headers, args, kwargs, embed or {}, priority)
+    except InvalidValue as exc:  # the same rules as a call's (heretic_kombu.limits)
+        raise MalformedMessage(str(exc)) from None
+
+
+def _checked(
+    headers: dict[str, Any],
+    args: list[Any],
+    kwargs: dict[str, Any],
+    embed: dict[str, Any],
+    priority: int | None,
+) -> TaskMessage:
+    """The message's values checked against what the table, the broker and a worker can
+    hold (:mod:`heretic_kombu.limits`); raises :class:`InvalidValue` naming the header."""
+    task = limits.name(headers["task"], "header 'task'")
     retries = headers.get("retries") or 0
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-        raise MalformedMessage("header 'retries' must be a non-negative integer")
+    limits.integer(retries, "header 'retries'", minimum=0, maximum=limits.RETRIES_MAX)
     group_index = headers.get("group_index")
-    if group_index is not None and (
-        not isinstance(group_index, int) or isinstance(group_index, bool)
-    ):
-        raise MalformedMessage("header 'group_index' must be an integer or null")
+    if group_index is not None:
+        limits.integer(group_index, "header 'group_index'", minimum=0)
     timelimit = headers.get("timelimit") or [None, None]
-    if not (
-        isinstance(timelimit, list)
-        and len(timelimit) == 2
-        and all(_is_seconds(v) for v in timelimit)
-    ):
-        raise MalformedMessage("header 'timelimit' must be [hard, soft] seconds or nulls")
+    if not (isinstance(timelimit, list) and len(timelimit) == 2):
+        raise InvalidValue("header 'timelimit' must be [hard, soft] seconds or nulls")
+    hard, soft = (
+        limits.positive_seconds(value, "header 'timelimit'") if value is not None else None
+        for value in timelimit
+    )
     job_id = headers.get(JOB_ID_HEADER)
-    if job_id is not None and (not isinstance(job_id, int) or isinstance(job_id, bool)):
-        raise MalformedMessage(f"header '{JOB_ID_HEADER}' must be an integer")
+    if job_id is not None:
+        limits.integer(job_id, f"header '{JOB_ID_HEADER}'", minimum=1, maximum=limits.BIGINT_MAX)
+    if priority is not None:
+        limits.priority(priority, "the message's priority")
+    if any(value is not None for value in embed.values()):
+        try:  # the links a Celery client sends are kept in the job's row
+            serialization.dumps(embed)
+        except EncodeError as exc:
+            raise InvalidValue(f"body[2] (embed) cannot be stored: {exc}") from None
     return TaskMessage(
         id=_uuid_header(headers, "id", required=True),  # type: ignore[arg-type]
         task=task,
@@ -139,21 +156,20 @@ def decode(
         parent_id=_uuid_header(headers, "parent_id"),
         group=_uuid_header(headers, "group"),
         job_id=job_id,
-        embed=embed or {},
+        embed=embed,
         priority=priority,
         group_index=group_index,
-        timelimit=(timelimit[0], timelimit[1]),
+        timelimit=(hard, soft),
     )
 
 
 def check_task_id(value: Any) -> str:
-    """Return ``value`` as a canonical UUID string, or raise ``ValueError``.
+    """Return ``value`` as a canonical UUID string, or raise ``InvalidValue`` (a
+    ``ValueError``).
 
-    Job ids are UUIDs (the table's ``task_id uuid`` column), as Celery generates them.
+    Job ids are UUIDs (the table's ``task_id`` column), as Celery generates them.
     """
-    if not isinstance(value, str):
-        raise ValueError(f"task id must be a UUID string, not {type(value).__name__}")
-    return str(uuid.UUID(value))
+    return limits.task_id(value)
 
 
 def new_task_id() -> str:
@@ -163,12 +179,6 @@ def new_task_id() -> str:
 
 _EMPTY_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _HOSTNAME = socket.gethostname()
-
-
-def _is_seconds(value: Any) -> bool:
-    return value is None or (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e9
-    )
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -184,10 +194,7 @@ def _uuid_header(headers: dict[str, Any], name: str, required: bool = False) -> 
     value = headers.get(name)
     if value is None and not required:
         return None
-    try:
-        return check_task_id(value)
-    except ValueError as exc:
-        raise MalformedMessage(f"header {name!r} must be a UUID string, got {value!r}") from exc
+    return limits.task_id(value, f"header {name!r}")
 
 
 def _datetime_header(headers: dict[str, Any], name: str) -> dt.datetime | None:
@@ -195,10 +202,6 @@ def _datetime_header(headers: dict[str, Any], name: str) -> dt.datetime | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise MalformedMessage(f"header {name!r} must be an ISO 8601 string or null")
-    try:
-        parsed = dt.datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise MalformedMessage(f"header {name!r} is not an ISO 8601 datetime: {value!r}") from exc
+        raise InvalidValue(f"header {name!r} must be an ISO 8601 string or null")
     # Celery sends naive datetimes in UTC when enable_utc is on (its default).
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    return limits.moment_text(value, f"header {name!r}")

@@ -15,15 +15,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from . import limits, serialization
 from . import retry as retry_policy
-from . import serialization
 from .core import context
 from .core.context import PROGRESS_KEY as PROGRESS_KEY
 from .core.context import Context as Context
 from .core.context import current_request as current_request
 from .core.protocols import AppLike
 from .core.registry import current_app, register_shared
-from .exceptions import ConfigurationError, MaxRetriesExceededError, Retry
+from .exceptions import ConfigurationError, InvalidValue, MaxRetriesExceededError, Retry
 from .execution import run_eagerly
 from .ratelimit import parse_rate
 from .result import AsyncResult
@@ -278,6 +278,9 @@ class Task:
         when: float | dt.datetime | None = eta if eta is not None else countdown
         if when is None:
             when = self.default_retry_delay
+        if when is not None:  # refused here, in the task, rather than in the worker
+            now = dt.datetime.now(dt.timezone.utc)
+            limits.when(now, when, "eta" if eta is not None else "countdown")
         signal = Retry(exc=exc, when=when)
         signal.max_retries = max_retries  # type: ignore[attr-defined]
         signal.new_args = list(args) if args is not None else None  # type: ignore[attr-defined]
@@ -376,8 +379,12 @@ def check_runtime_options(task_name: str, options: dict[str, Any]) -> None:
         value = options.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"task {task_name!r}: {key}={value!r} must be a number of seconds > 0")
+        try:
+            limits.positive_seconds(value, key)
+        except InvalidValue:
+            raise InvalidValue(
+                f"task {task_name!r}: {key}={value!r} must be a number of seconds > 0"
+            ) from None
     hard, soft = options.get("time_limit"), options.get("soft_time_limit")
     if hard is not None and soft is not None and soft > hard:
         raise ValueError(
