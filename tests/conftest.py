@@ -76,6 +76,7 @@ REDIS_MODULES = {
     "test_hostile_values",
     "test_bad_rows",
     "test_intake",
+    "test_bad_input",
 }
 
 
