@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -224,19 +224,28 @@ class Settlement:
         )
 
 
+#: Set by a worker's warm shutdown: :func:`store_call` stops waiting for the database.
+stopping = threading.Event()
+
+
 def store_call(method: Callable[..., _T], *args: Any) -> _T:
     """Call a store method, retrying while the database is unreachable.
 
     Nothing is acked meanwhile, so a worker cut off from its database holds its
-    messages rather than losing what happened to them.
+    messages rather than losing what happened to them. Once the worker is shutting
+    down (:data:`stopping`), the error is raised instead: its messages, unacked, are
+    redelivered and the reconciler finds its rows.
     """
     pause = 0.2
     while True:
         try:
             return method(*args)
         except StoreError as exc:
+            if stopping.is_set():
+                logger.error("database unavailable (%s) during shutdown: giving up", exc)
+                raise
             logger.error("database unavailable (%s); retrying in %.1fs", exc, pause)
-            time.sleep(pause)
+            stopping.wait(pause)
             pause = min(pause * 2, 5.0)
 
 
