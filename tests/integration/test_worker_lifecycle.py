@@ -169,3 +169,52 @@ def test_sigquit_is_a_cold_shutdown(lifecycle_app, worker, tmp_path):
     assert w.process.wait(timeout=10) == 1
     assert "cold shutdown (SIGQUIT)" in w.log()
     assert lifecycle_app.store.get(running.id).status == states.STARTED  # unacked: redelivered
+
+
+# -- item 4: a worker's death costs no attempt of a job that never started ---------------
+
+
+def test_sigkill_gives_back_the_attempts_of_prefetched_jobs(lifecycle_app, worker, tmp_path):
+    """8 max_retries=0 jobs claimed by a worker with 2 prefork slots (2 running, 6
+    waiting for a slot); SIGKILL: the 6 that never ran run on another worker and succeed,
+    with one attempt; the 2 that ran fail with WorkerLostError (no retries allowed)."""
+    import lifecycle_project
+
+    trace = tmp_path / "trace"
+    w1 = worker("-P", "prefork", "-c", "2", "--prefetch-multiplier", "4")
+    results = [lifecycle_project.runs_once.delay(3, str(trace)) for _ in range(8)]
+    ids = [r.id for r in results]
+    store = lifecycle_app.store
+    wait_for(
+        lambda: all(store.get(i).status == states.STARTED for i in ids) and _runs(trace),
+        30,
+        "the worker to claim the 8 jobs and start 2",
+    )
+    time.sleep(0.5)  # well inside the 3 s the two running jobs take
+    ran = set(_runs(trace))
+    assert len(ran) == 2
+    w1.kill()
+    worker("-P", "prefork", "-c", "8")
+    wait_for(
+        lambda: all(store.get(i).status in ("succeeded", "failed") for i in ids),
+        60,
+        "every job to end",
+    )
+    rows = {i: store.get(i) for i in ids}
+    runs = _runs(trace)
+    summary = collections.Counter(row.status for row in rows.values())
+    print(f"\nafter SIGKILL: {dict(summary)}, runs per job {sorted(runs.values())}")
+    for i in ran:
+        assert rows[i].status == "failed" and "WorkerLostError" in (rows[i].error or "")
+        assert rows[i].attempts == len(rows[i].attempt_logs) == 1
+    for i in set(ids) - ran:
+        assert rows[i].status == "succeeded", (rows[i].error, rows[i].attempt_logs)
+        assert rows[i].attempts == len(rows[i].attempt_logs) == 1  # the run that counted
+        assert runs[i] == 1
+
+
+def _runs(trace: Path) -> collections.Counter[str]:
+    """Executions per task id, from the task's own trace."""
+    return (
+        collections.Counter(trace.read_text().split()) if trace.exists() else collections.Counter()
+    )
