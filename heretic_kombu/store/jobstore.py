@@ -58,7 +58,6 @@ from .statements import (
     TRY_SCHEDULER_LOCK,
     append_log,
     current_attempt,
-    never_started,
 )
 from .tables import jobs
 from .writes import RowWriter
@@ -392,47 +391,6 @@ class JobStore:
                 )
                 released += result.rowcount
         return released
-
-    def mark_running(self, claims: Sequence[tuple[str, int]], worker: str) -> None:
-        """Note that these claimed attempts (task id, attempt) started running in a pool
-        process of ``worker``: ``last_attempted_at`` is the moment it was known. A lost
-        claim without it gives its attempt back (:meth:`give_back_attempt`)."""
-        if not claims:
-            return
-        now = utcnow()
-        with self.write() as conn:
-            for task_id, attempt in claims:
-                conn.execute(
-                    jobs.update()
-                    .where(
-                        jobs.c.task_id == task_id,
-                        jobs.c.attempts == attempt,
-                        jobs.c.worker == worker,
-                    )
-                    .values(last_attempted_at=now)
-                )
-
-    def give_back_attempt(self, job: Job) -> bool:
-        """A worker died holding ``job``'s claim, and the attempt never started running:
-        uncount it (no attempt_logs line: it was no run) and make the job due again, for
-        its message's redelivery or the scheduler. ``False`` if the row is no longer in
-        that attempt or the attempt is known to have started."""
-        now = utcnow()
-        attempts = job.attempts - 1
-        with self.write() as conn:
-            result = conn.execute(
-                jobs.update()
-                .where(current_attempt(job.task_id, job.attempts), never_started())
-                .values(
-                    status=Status.RETRYING if attempts else Status.SCHEDULED,
-                    eta=now,
-                    attempts=attempts,
-                    worker=None,
-                    started_at=None,
-                    updated_at=now,
-                )
-            )
-        return result.rowcount > 0
 
     def set_progress(self, task_id: str, progress: serialization.RawJSON) -> bool:
         """Store a running job's custom state and meta (``Task.update_state``) in ``result``;

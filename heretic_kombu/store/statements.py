@@ -62,16 +62,6 @@ def current_attempt(task_id: str, attempt: int) -> Any:
     )
 
 
-def never_started() -> Any:
-    """A claimed row whose attempt has not started running in a pool process: the claim
-    sets ``started_at``, the start sets ``last_attempted_at`` (see JobStore.mark_running)."""
-    return sa.or_(
-        jobs.c.last_attempted_at.is_(None),
-        jobs.c.started_at.is_(None),
-        jobs.c.last_attempted_at < jobs.c.started_at,
-    )
-
-
 def append_log(line: str, postgres: bool) -> Any:
     """The value of ``attempt_logs`` with ``line`` appended (text[] on PostgreSQL, a
     JSON list elsewhere)."""
@@ -161,6 +151,7 @@ CLAIM = (
         attempts=jobs.c.attempts + 1,
         worker=sa.bindparam("worker"),
         started_at=sa.bindparam("now"),
+        last_attempted_at=sa.bindparam("now"),
         finished_at=None,
         updated_at=sa.bindparam("now"),
     )
@@ -253,6 +244,7 @@ UPDATE heretic_jobs SET
     attempts = attempts + 1,
     worker = :worker,
     started_at = :now,
+    last_attempted_at = :now,
     finished_at = NULL,
     updated_at = :now
 WHERE task_id = ANY(CAST(:claim_ids AS uuid[])) AND {_CLAIMABLE}

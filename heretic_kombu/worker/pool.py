@@ -88,13 +88,6 @@ class Pool:
     #: Whether max_tasks_per_child / max_memory_per_child recycle processes (prefork
     #: only, as in Celery).
     recycles = False
-    #: Called with a call when it starts (or is sent to an idle process, which starts
-    #: it at once); never for a call still waiting for a slot.
-    on_start: Callable[[dict[str, Any]], None] | None = None
-
-    def _started(self, call: dict[str, Any]) -> None:
-        if self.on_start is not None:
-            self.on_start(call)
 
     def terminate_job(self, task_id: str, signum: int) -> bool:
         """Send ``signum`` to the process running ``task_id``; ``False`` if this pool
@@ -116,7 +109,6 @@ class SoloPool(Pool):
     """Runs each call inline: simplest, one at a time, easy to debug."""
 
     def submit(self, call: dict[str, Any], on_done: Callback) -> None:
-        self._started(call)
         on_done(_without_live_objects(execute(self.app, call)))
 
 
@@ -143,11 +135,7 @@ class ThreadPool(Pool):
             else:
                 on_done(_without_live_objects(future.result()))
 
-        def run() -> dict[str, Any]:
-            self._started(call)
-            return execute(self.app, call)
-
-        future = self._executor.submit(run)
+        future = self._executor.submit(execute, self.app, call)
         with self._lock:
             self._waiting[future] = call
         future.add_done_callback(finished)
@@ -302,7 +290,6 @@ class PreforkPool(Pool):
             call, child.on_done = self._queued.popleft()
             self._send(child, call)
             self._begin(child, call, now)
-            self._started(call)
         for child in live:
             if not self._queued:
                 return
@@ -469,7 +456,6 @@ class PreforkPool(Pool):
                 child.ahead = None
                 self._begin(child, call, time.monotonic(), child.terminate_ahead)
                 child.terminate_ahead = None
-                self._started(call)
             self._dispatch()  # the next call starts before the worker records this one
         if on_done is not None:
             on_done(outcome)

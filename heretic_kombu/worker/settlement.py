@@ -63,18 +63,6 @@ class Settlement:
     def release_lost(self, row: Job, why: str) -> bool:
         """Log the lost attempt of ``row`` and make it due again (or fail it, if it was
         the last allowed one). Returns ``True`` if the job may run again."""
-        if store_call(self.app.store.give_back_attempt, row):
-            # Claimed, never started in a pool process: no run, no attempt (invariant 11).
-            logger.warning(
-                "Task %s[%s] claimed by worker %s, which was lost before it started it:"
-                " attempt %d given back, the job is due again (%s)",
-                row.task_name,
-                row.task_id,
-                row.worker,
-                row.attempts,
-                why,
-            )
-            return True
         line, give_up = lost_attempt(row, why, now=utcnow())
         then = self.next_steps(row, give_up) if give_up is not None else None
         followups = store_call(self.app.store.release_lost_attempt, row, line, give_up, then)

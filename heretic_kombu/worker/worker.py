@@ -54,7 +54,6 @@ from .gates import RateLimits, Revocations, TimeLimits
 from .outcomes import Ending, attempt_result
 from .pool import POOLS, Pool
 from .settlement import Settlement, header_id, stopping, store_call
-from .starts import StartMarks
 from .turns import Accepted, Ended, StatementThread, Turn
 from .upkeep import Upkeep
 
@@ -101,8 +100,6 @@ class Worker:
             max_tasks_per_child=max_tasks_per_child,
             max_memory_per_child=max_memory_per_child,
         )
-        self._starts = StartMarks(lambda claims: app.store.mark_running(claims, self.name))
-        self.pool.on_start = self._starts.started
         if (max_tasks_per_child or max_memory_per_child) and not self.pool.recycles:
             logger.warning(
                 "max_tasks_per_child/max_memory_per_child change nothing with the %s pool:"
@@ -193,7 +190,6 @@ class Worker:
                 self._recycling(),
             )
             heartbeat.start()
-            self._starts.start()
             signals.worker_ready.send(sender=self)
             try:
                 while not self._stopping:
@@ -213,7 +209,6 @@ class Worker:
             # Also on a failed start: children ignore SIGTERM, so an exiting worker that
             # left them to multiprocessing's atexit hook would wait for them forever.
             self._upkeep.stop()
-            self._starts.stop()
             self._statements.stop()
             if self._subscription is not None:  # it had started
                 signals.worker_shutdown.send(sender=self)

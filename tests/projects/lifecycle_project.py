@@ -7,14 +7,9 @@ import os
 import time
 
 from heretic_kombu import shared_task
+from heretic_kombu.worker.pool import resident_kib
 
 _LEAKED: list[bytearray] = []
-
-
-def resident_kib():
-    """This process's resident set size in KiB, from /proc."""
-    with open("/proc/self/statm", "rb") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 @shared_task
