@@ -122,6 +122,13 @@ class Settings:
     prune_statuses: str = "succeeded"
     #: How often a worker prunes, in seconds (several workers pruning at once is harmless).
     prune_interval: float = 600.0
+    #: A prefork process is replaced after this many tasks; 0: never (Celery's
+    #: worker_max_tasks_per_child). The threads and solo pools ignore it, as Celery's.
+    worker_max_tasks_per_child: int = 0
+    #: A prefork process whose resident memory exceeds this many KiB after a task is
+    #: replaced (the task completes first); 0: no limit (Celery's
+    #: worker_max_memory_per_child). The threads and solo pools ignore it.
+    worker_max_memory_per_child: int = 0
 
     @classmethod
     def build(
@@ -180,6 +187,11 @@ class Settings:
             raise ConfigurationError(
                 f"concurrency ({env_var('concurrency')}) must be 0 (one per CPU) or more"
             )
+        for recycling in ("worker_max_tasks_per_child", "worker_max_memory_per_child"):
+            if getattr(self, recycling) < 0:
+                raise ConfigurationError(
+                    f"{recycling} ({env_var(recycling)}) must be 0 (no limit) or more"
+                )
         if self.lease_timeout <= 2 * self.heartbeat_interval:
             raise ConfigurationError(
                 f"lease_timeout ({env_var('lease_timeout')}) must exceed twice"

@@ -73,6 +73,23 @@ LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
     help="Also send the periodic tasks of beat_schedule, from a thread (as heretic beat).",
 )
 @click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(min=0),
+    envvar="HERETIC_WORKER_MAX_TASKS_PER_CHILD",
+    show_envvar=True,
+    help="Replace a prefork process after this many tasks [default: never]"
+    " (Celery's worker_max_tasks_per_child; threads and solo: no effect).",
+)
+@click.option(
+    "--max-memory-per-child",
+    type=click.IntRange(min=0),
+    envvar="HERETIC_WORKER_MAX_MEMORY_PER_CHILD",
+    show_envvar=True,
+    help="Replace a prefork process whose resident memory exceeds this many KiB, after"
+    " the task that went over ends [default: no limit] (Celery's"
+    " worker_max_memory_per_child; threads and solo: no effect).",
+)
+@click.option(
     "-O",
     "optimization",
     type=click.Choice(["default", "fair"]),
@@ -90,12 +107,15 @@ def worker(
     prefetch_multiplier: int | None,
     name: str | None,
     embed_beat: bool,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: int | None,
     optimization: str | None,
 ) -> None:
     """Consume queues and run their jobs until SIGTERM/SIGINT.
 
-    The first SIGTERM or SIGINT stops consuming, lets running jobs finish and exits 0;
-    a second one exits at once (status 1) and the broker redelivers what was not acked.
+    The first SIGTERM or SIGINT stops consuming, lets running jobs finish and exits 0
+    (also while it waits for the broker or the database); a second one, or SIGQUIT,
+    exits at once (status 1) and the broker redelivers what was not acked.
     """
     logging.basicConfig(level=loglevel.upper(), format=LOG_FORMAT)
     if optimization is not None:
@@ -113,6 +133,8 @@ def worker(
         pool=pool,
         prefetch_multiplier=prefetch_multiplier,
         name=name,
+        max_tasks_per_child=max_tasks_per_child,
+        max_memory_per_child=max_memory_per_child,
     )
     if embed_beat:
         run_beside_worker(Beat(app), the_worker)

@@ -51,9 +51,21 @@ Callback = Callable[[dict[str, Any]], None]
 class Pool:
     """Runs calls; subclasses decide where."""
 
-    def __init__(self, app: Heretic, concurrency: int) -> None:
+    def __init__(
+        self,
+        app: Heretic,
+        concurrency: int,
+        *,
+        max_tasks_per_child: int = 0,
+        max_memory_per_child: int = 0,
+    ) -> None:
         self.app = app
         self.concurrency = concurrency
+        #: Replace a child process after this many tasks (0: never); prefork only.
+        self.max_tasks_per_child = max_tasks_per_child
+        #: Replace a child process whose resident memory went over this many KiB during
+        #: a task, once that task has ended (0: no limit); prefork only.
+        self.max_memory_per_child = max_memory_per_child
 
     def start(self) -> None:
         """Prepare the slots (prefork forks its children here)."""
@@ -73,6 +85,9 @@ class Pool:
     can_terminate = False
     #: Whether hard time limits (``time_limit``) are enforced (prefork only).
     enforces_time_limits = False
+    #: Whether max_tasks_per_child / max_memory_per_child recycle processes (prefork
+    #: only, as in Celery).
+    recycles = False
 
     def terminate_job(self, task_id: str, signum: int) -> bool:
         """Send ``signum`` to the process running ``task_id``; ``False`` if this pool
@@ -198,6 +213,7 @@ class _Child:
         self.timed_out: float | None = None  # the hard limit that killed it
         self.kill_at: float | None = None  # SIGKILL if still alive then (after terminate)
         self.terminated: int | None = None  # the signal revoke(terminate=True) sent
+        self.retired = False  # it said it exits after its last outcome (recycling)
 
 
 #: Seconds a child may outlive the signal of revoke(terminate=True) before SIGKILL
@@ -224,6 +240,7 @@ class PreforkPool(Pool):
 
     can_terminate = True
     enforces_time_limits = True
+    recycles = True
 
     def start(self) -> None:
         self._context = multiprocessing.get_context("fork")
@@ -243,9 +260,10 @@ class PreforkPool(Pool):
         # The child must not keep the parent's ends of any pipe open, or closing them
         # would never signal EOF to the children at shutdown.
         inherited = [parent_conn, *(c.conn for c in self._children)]
+        limits = (self.max_tasks_per_child, self.max_memory_per_child)
         process = self._context.Process(
             target=_child_main,
-            args=(self.app, child_conn, handshake, inherited),
+            args=(self.app, child_conn, handshake, inherited, limits),
             name="heretic-child",
             daemon=True,
         )
@@ -416,10 +434,24 @@ class PreforkPool(Pool):
                     self._bury(child)
 
     def _deliver(self, child: _Child, outcome: dict[str, Any]) -> None:
+        retiring = outcome.pop(RETIRING, None)
+        lost_ahead: Callback | None = None
         with self._lock:
             on_done, child.on_done = child.on_done, None
             child.call = child.deadline = None
-            if child.ahead is not None:  # the child has gone on to it already
+            if retiring:
+                # Recycled: the child exits after this outcome and starts nothing more,
+                # so the call it holds ahead goes to another child; maintain() forks
+                # its replacement.
+                logger.info("pool child %s recycled (%s)", child.process.pid, retiring)
+                child.dead = child.retired = True
+                ahead, child.ahead = child.ahead, None
+                if ahead is not None:
+                    if child.handshake.withdraw(ahead[2]):
+                        self._queued.appendleft(ahead[:2])
+                    else:  # cannot be: a retiring child starts nothing
+                        lost_ahead = ahead[1]
+            elif child.ahead is not None:  # the child has gone on to it already
                 call, child.on_done, _ = child.ahead
                 child.ahead = None
                 self._begin(child, call, time.monotonic(), child.terminate_ahead)
@@ -427,6 +459,8 @@ class PreforkPool(Pool):
             self._dispatch()  # the next call starts before the worker records this one
         if on_done is not None:
             on_done(outcome)
+        if lost_ahead is not None:
+            lost_ahead({"status": LOST, "error": "pool child exited while recycled"})
 
     def _bury(self, child: _Child) -> None:
         child.process.join(timeout=1)
@@ -447,7 +481,7 @@ class PreforkPool(Pool):
             if ahead is not None and not self._closing:  # never started: another child runs it
                 self._queued.appendleft(ahead[:2])
                 self._dispatch()
-        if self._closing:
+        if self._closing or (child.retired and on_done is None):
             return
         if on_done is not None and child.timed_out is not None:
             exc = TimeLimitExceeded(child.timed_out)
@@ -506,9 +540,22 @@ class PreforkPool(Pool):
                 child.process.join(timeout=5)
 
 
-def _child_main(app: Heretic, conn: Any, handshake: _Handshake, inherited: list[Any]) -> None:
+#: The key of a child's outcome that says it exits after it (why, for the log).
+RETIRING = "_heretic_retiring"
+
+
+def _child_main(
+    app: Heretic,
+    conn: Any,
+    handshake: _Handshake,
+    inherited: list[Any],
+    limits: tuple[int, int] = (0, 0),
+) -> None:
     """A prefork child: run calls received on ``conn`` until the parent closes it, but
-    none the parent took back after sending it ahead."""
+    none the parent took back after sending it ahead; with ``limits`` (max tasks, max
+    resident KiB), exit after the task that reaches one, as Celery's children do."""
+    max_tasks, max_memory = limits
+    tasks = 0
     for other in inherited:
         other.close()
     # The parent decides when children stop: a Ctrl-C or SIGTERM to the process group
@@ -539,8 +586,41 @@ def _child_main(app: Heretic, conn: Any, handshake: _Handshake, inherited: list[
                     "runtime": outcome.get("runtime"),
                 }
             )
+        tasks += 1
+        retiring = _retiring(tasks, max_tasks, max_memory)
+        if retiring:  # the parent reads the outcome, then takes back what it sent ahead
+            encoded = serialization.dumps({**serialization.loads(encoded), RETIRING: retiring})
         conn.send_bytes(encoded.encode("utf-8"))
+        if retiring:
+            break
     os._exit(0)
+
+
+def _retiring(tasks: int, max_tasks: int, max_memory: int) -> str | None:
+    """Why a child that has run ``tasks`` tasks exits now, or ``None`` to go on."""
+    if max_tasks and tasks >= max_tasks:
+        return f"{tasks} tasks, max_tasks_per_child {max_tasks}"
+    if max_memory:
+        rss = resident_kib()
+        if rss is not None and rss > max_memory:
+            return f"resident memory {rss} KiB over max_memory_per_child {max_memory} KiB"
+    return None
+
+
+def resident_kib() -> int | None:
+    """This process's resident set size in KiB (Linux's /proc; else the peak RSS)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            pages = int(statm.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    except (ImportError, OSError):
+        return None
 
 
 def _die_with_parent() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -319,6 +319,10 @@ class Settlement:
         )
 
 
+#: Set by a worker's warm shutdown: :func:`store_call` stops waiting for the database.
+stopping = threading.Event()
+
+
 def store_call(method: Callable[..., _T], *args: Any) -> _T:
     """Call a store method, retrying while the database is unreachable.
 
@@ -326,7 +330,9 @@ def store_call(method: Callable[..., _T], *args: Any) -> _T:
     messages rather than losing what happened to them. A data or constraint error
     (:class:`~heretic_kombu.store.RowError`: a value out of its column's range, a
     duplicate key, a row that cannot be read back) is not an outage: retrying the same
-    statement cannot help, so it is raised for the caller to set that job aside.
+    statement cannot help, so it is raised for the caller to set that job aside. Once the
+    worker is shutting down (:data:`stopping`), an outage is raised too: its messages,
+    unacked, are redelivered and the reconciler finds its rows.
     """
     pause = 0.2
     while True:
@@ -335,8 +341,11 @@ def store_call(method: Callable[..., _T], *args: Any) -> _T:
         except RowError:
             raise
         except StoreError as exc:
+            if stopping.is_set():
+                logger.error("database unavailable (%s) during shutdown: giving up", exc)
+                raise
             logger.error("database unavailable (%s); retrying in %.1fs", exc, pause)
-            time.sleep(pause)
+            stopping.wait(pause)
             pause = min(pause * 2, 5.0)
 
 

@@ -47,13 +47,13 @@ from typing import TYPE_CHECKING, Any
 from .. import canvas, protocol, serialization, signals
 from .. import retry as retry_policy
 from ..broker import Delivery, Subscription
-from ..exceptions import EncodeError, MalformedMessage
+from ..exceptions import EncodeError, MalformedMessage, StoreError
 from ..status import Status
 from ..store import Attempt, Job, NewJob, RowError, utcnow
 from .gates import RateLimits, Revocations, TimeLimits
 from .outcomes import Ending, attempt_result
 from .pool import POOLS, Pool
-from .settlement import Settlement, header_id, store_call
+from .settlement import Settlement, header_id, stopping, store_call
 from .turns import Accepted, Ended, StatementThread, Turn
 from .upkeep import Upkeep
 
@@ -82,13 +82,30 @@ class Worker:
         pool: str | None = None,
         prefetch_multiplier: int | None = None,
         name: str | None = None,
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | None = None,
     ) -> None:
         settings = app.settings
         self.app = app
         self.queues = queues or [settings.default_queue]
         self.concurrency = concurrency or settings.effective_concurrency
         pool_name = pool or settings.pool
-        self.pool: Pool = POOLS[pool_name](app, 1 if pool_name == "solo" else self.concurrency)
+        if max_tasks_per_child is None:
+            max_tasks_per_child = settings.worker_max_tasks_per_child
+        if max_memory_per_child is None:
+            max_memory_per_child = settings.worker_max_memory_per_child
+        self.pool: Pool = POOLS[pool_name](
+            app,
+            1 if pool_name == "solo" else self.concurrency,
+            max_tasks_per_child=max_tasks_per_child,
+            max_memory_per_child=max_memory_per_child,
+        )
+        if (max_tasks_per_child or max_memory_per_child) and not self.pool.recycles:
+            logger.warning(
+                "max_tasks_per_child/max_memory_per_child change nothing with the %s pool:"
+                " only prefork processes are recycled (as in Celery)",
+                pool_name,
+            )
         multiplier = prefetch_multiplier or settings.prefetch_multiplier
         self.prefetch = self.pool.concurrency * multiplier
         #: The prefetch while jobs are short (see _adapt_prefetch), and the one in force.
@@ -111,6 +128,7 @@ class Worker:
         self._next_batch: list[Accepted] = []
         self._statements = StatementThread()
         self._stopping = False
+        self._interruptible = False  # a signal raises _StopWaiting (start-up waits)
         self._poll = POLL_MIN
         self._active_at = 0.0  # when the loop last recorded or claimed something
         # A job ending writes a byte here, which wakes the loop waiting on the broker.
@@ -142,28 +160,52 @@ class Worker:
 
     def run(self) -> int:
         """Work until SIGTERM/SIGINT; return the exit status (0 after a warm shutdown)."""
+        stopping.clear()
         self._install_signals()
         self.pool.start()  # fork before opening connections the children must not share
         heartbeat = self._upkeep.heartbeat_thread()
         try:
-            self.app.store.ensure_schema()
-            self._subscription = self.app.broker.subscribe(
-                self.queues, self._inbox.append, self._limit
-            )
+            try:
+                # Start-up waits for the database and the broker for as long as they
+                # are down: a signal meanwhile ends the wait (nothing runs yet).
+                self._interruptible = True
+                if self._stopping:
+                    raise _StopWaiting
+                self.app.store.ensure_schema()
+                self._subscription = self.app.broker.subscribe(
+                    self.queues, self._inbox.append, self._limit
+                )
+            except _StopWaiting:
+                logger.info("%s stopped before it was ready", self.name)
+                return 0
+            finally:
+                self._interruptible = False
             self._settle.attach(self._subscription)
             logger.info(
-                "%s ready: queues %s, %s pool x%d, prefetch %d",
+                "%s ready: queues %s, %s pool x%d, prefetch %d%s",
                 self.name,
                 ",".join(self.queues),
                 type(self.pool).__name__,
                 self.pool.concurrency,
                 self.prefetch,
+                self._recycling(),
             )
             heartbeat.start()
             signals.worker_ready.send(sender=self)
-            while not self._stopping:
-                self._step()
-            self._drain_running()
+            try:
+                while not self._stopping:
+                    self._step()
+                self._drain_running()
+            except StoreError as exc:
+                if not self._stopping:
+                    raise
+                logger.error(
+                    "%s stopped without its database (%r): unrecorded outcomes come back"
+                    " by redelivery and the reconciler",
+                    self.name,
+                    exc,
+                )
+                return 1
         finally:
             # Also on a failed start: children ignore SIGTERM, so an exiting worker that
             # left them to multiprocessing's atexit hook would wait for them forever.
@@ -181,6 +223,18 @@ class Worker:
                 os.close(self._wake_w)
         logger.info("%s stopped", self.name)
         return 0
+
+    def _recycling(self) -> str:
+        """How pool processes are recycled, for the ready line ('' if they are not)."""
+        pool = self.pool
+        if not pool.recycles:
+            return ""
+        parts = []
+        if pool.max_tasks_per_child:
+            parts.append(f"after {pool.max_tasks_per_child} tasks")
+        if pool.max_memory_per_child:
+            parts.append(f"over {pool.max_memory_per_child} KiB")
+        return f", processes recycled {' or '.join(parts)}" if parts else ""
 
     def _room(self) -> int:
         """How many more jobs may be claimed now: a worker holds at most its prefetch
@@ -297,19 +351,35 @@ class Worker:
         logger.info("handed back %d claimed job(s) that had not started", len(jobs))
 
     def _install_signals(self) -> None:
+        """SIGTERM or SIGINT: warm shutdown (running jobs finish, then exit 0); a second
+        one, or SIGQUIT, cold shutdown (exit 1 at once), as Celery. Whatever the worker
+        waits on when the signal comes, the signal ends that wait."""
+
+        def cold(signum: int, frame: Any) -> None:
+            logger.warning(
+                "cold shutdown (%s): exiting now; unacked messages will be redelivered",
+                signal.Signals(signum).name,
+            )
+            self.pool.stop(wait=False)
+            os._exit(1)
+
         def on_signal(signum: int, frame: Any) -> None:
             if self._stopping:
-                logger.warning("cold shutdown: exiting now; unacked messages will be redelivered")
-                self.pool.stop(wait=False)
-                os._exit(1)
+                cold(signum, frame)
             logger.info(
                 "warm shutdown (%s): finishing running jobs; again to exit at once",
                 signal.Signals(signum).name,
             )
             self._stopping = True
+            # A worker cut off from its database no longer waits for it to come back:
+            # what is not recorded comes back by redelivery and the reconciler.
+            stopping.set()
+            if self._interruptible:  # waiting for the broker or the database to start
+                raise _StopWaiting
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGQUIT, cold)
 
     # -- one delivery ------------------------------------------------------------
 
@@ -672,6 +742,11 @@ class Worker:
             return True
         turn = self._turn
         return turn is not None and any(message.id == task_id for _, message in turn.batch)
+
+
+class _StopWaiting(BaseException):
+    """Raised by the signal handler to end a start-up wait (for the broker or the
+    database); a BaseException, so that no retry loop catching Exception swallows it."""
 
 
 def expand_name(name: str) -> str:
