@@ -121,7 +121,7 @@ def test_search_open_and_retry_a_failed_job_in_chromium(
     mail = jobs_project.echo.apply_async(
         kwargs={"value": {"to": "bob@example.com", "note": hostile}}
     )
-    lost = app.send_task("late.task", ["x"])  # no worker knows it: a dead letter
+    app.send_task("late.task", ["x"])  # no worker knows it: a dead letter
     with pytest.raises(FileNotFoundError):
         failed.get(timeout=30)
     assert [r.get(timeout=30) for r in done] == [0, 2, 4]
