@@ -81,14 +81,17 @@ REDIS_MODULES = {
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get("HERETIC_TEST_ALL_BACKENDS") == "1":
-        return
+    every_backend = os.environ.get("HERETIC_TEST_ALL_BACKENDS") == "1"
     kept, dropped = [], []
     for item in items:
         callspec = getattr(item, "callspec", None)
-        on_redis = callspec is not None and callspec.params.get("backend") == "redis"
+        backend = callspec.params.get("backend") if callspec is not None else None
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        (dropped if on_redis and module not in REDIS_MODULES else kept).append(item)
+        # ``@pytest.mark.not_on("services")``: a case that cannot exist on that backend
+        # (not one that is skipped there): it is not collected for it at all.
+        impossible = any(backend in mark.args for mark in item.iter_markers("not_on"))
+        off_redis = backend == "redis" and module not in REDIS_MODULES and not every_backend
+        (dropped if impossible or off_redis else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

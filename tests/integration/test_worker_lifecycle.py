@@ -138,12 +138,12 @@ def test_recycling_options_are_accepted_and_change_nothing_without_prefork(
 # -- item 9: signals always end a worker --------------------------------------------------
 
 
+# The embedded broker is a file: never down, refused at once if unusable.
+@pytest.mark.not_on("embedded")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_ends_a_worker_waiting_for_an_unreachable_broker(
     lifecycle_app, worker, backend, monkeypatch, tmp_path, signum
 ):
-    if backend.name == "embedded":
-        pytest.skip("the embedded broker is a file: never down, refused at once if unusable")
     closed_port = {"services": "amqp://guest:guest@127.0.0.1:1//", "redis": "redis://127.0.0.1:1/0"}
     monkeypatch.setenv("HERETIC_BROKER_URL", closed_port[backend.name])
     w = worker("-P", "prefork", "-c", "1", wait_ready=False)
