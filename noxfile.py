@@ -21,7 +21,8 @@ def tests(session: nox.Session) -> None:
     # database and queue names; see tests/helpers.py), and most of their time is spent
     # waiting on real worker processes, so more processes than cores pay.
     processes = os.environ.get("HERETIC_TEST_PROCESSES", "4")
-    session.run("pytest", "-n", processes, *session.posargs)
+    # The slowest cases are listed at the end of every run: where the suite's time goes.
+    session.run("pytest", "-n", processes, "--durations=30", *session.posargs)
 
 
 @nox.session
