@@ -211,3 +211,52 @@ def declare_plain_queue(broker_url: str, name: str) -> None:
         kombu.Queue(name, kombu.Exchange(name, "direct"), routing_key=name)(
             conn.default_channel
         ).declare()
+
+
+def celery_headers(task: str, task_id: str, job_id: int | None = None) -> dict[str, Any]:
+    """The headers of a Celery protocol-v2 message for ``task`` (with heretic's row id)."""
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": task,
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "timelimit": [None, None],
+    }
+    if job_id is not None:
+        headers["heretic_job_id"] = job_id
+    return headers
+
+
+def publish_message(app: Any, queue: str, body: str, headers: dict[str, Any]) -> None:
+    """Publish a hand-built JSON message to ``queue``, as an unchanged Celery client would."""
+    import kombu
+
+    with app.broker.connect() as conn:
+        channel = conn.default_channel
+        app.broker.declare(channel, queue)
+        kombu.Producer(channel).publish(
+            body,
+            exchange=queue,
+            routing_key=queue,
+            headers=headers,
+            content_type="application/json",
+            content_encoding="utf-8",
+        )
+
+
+def run_heretic(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``heretic ARGS`` as a user runs it, with the test projects importable."""
+    environment = dict(os.environ, **(env or {}))
+    environment["PYTHONPATH"] = str(PROJECTS)
+    return subprocess.run(
+        [sys.executable, "-m", "heretic_kombu.cli", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import time
 
-import kombu
 import pytest
 from harness import SERVICES, SERVICES_AND_EMBEDDED
-from helpers import wait_for
+from helpers import celery_headers, publish_message, wait_for
 
 
 @pytest.mark.parametrize("backend", SERVICES, indirect=True)
@@ -31,30 +30,8 @@ def test_rabbitmq_losing_its_queue_mid_run_loses_no_job(faults, backend):
 
 
 def _unknown_task_message(app, queue, task_id, job_id):
-    headers = {
-        "lang": "py",
-        "task": "no.such.task",
-        "id": task_id,
-        "root_id": task_id,
-        "parent_id": None,
-        "group": None,
-        "retries": 0,
-        "eta": None,
-        "expires": None,
-        "timelimit": [None, None],
-        "heretic_job_id": job_id,
-    }
-    with app.broker.connect() as conn:
-        channel = conn.default_channel
-        app.broker.declare(channel, queue)
-        kombu.Producer(channel).publish(
-            json.dumps([[0], {}, {}]),
-            exchange=queue,
-            routing_key=queue,
-            headers=headers,
-            content_type="application/json",
-            content_encoding="utf-8",
-        )
+    headers = celery_headers("no.such.task", task_id, job_id)
+    publish_message(app, queue, json.dumps([[0], {}, {}]), headers)
 
 
 @pytest.mark.parametrize("backend", SERVICES_AND_EMBEDDED, indirect=True)

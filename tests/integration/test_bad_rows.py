@@ -7,28 +7,15 @@ and go on with the others."""
 from __future__ import annotations
 
 import datetime as dt
-import os
-import subprocess
-import sys
 
 import jobs_project
 import pytest
 import sqlalchemy as sa
-from helpers import PROJECTS, wait_for, wait_queued
+from helpers import run_heretic, wait_for, wait_queued
 
 from heretic_kombu import states
 
-
-def heretic(*args, env=None):
-    environment = dict(os.environ, **(env or {}))
-    environment["PYTHONPATH"] = str(PROJECTS)
-    return subprocess.run(
-        [sys.executable, "-m", "heretic_kombu.cli", *args],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+heretic = run_heretic
 
 
 def _sql(backend, statement, **params):

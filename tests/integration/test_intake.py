@@ -6,51 +6,23 @@ workflow — on real workers, as a user sees it (rows, results, the CLI's exit c
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import canvas_tasks as ct
 import jobs_project
 import kombu
-from helpers import PROJECTS, wait_for
+from helpers import celery_headers, publish_message, run_heretic, wait_for
 
 from heretic_kombu import states
 from heretic_kombu.canvas import chain, chord, group
 
 
 def heretic(*args):
-    env = dict(os.environ, PYTHONPATH=str(PROJECTS))
-    command = [sys.executable, "-m", "heretic_kombu.cli", "-A", "jobs_project", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    return run_heretic("-A", "jobs_project", *args)
 
 
 def publish_raw(app, queue, task, task_id, job_id):
     """A protocol-v2 message for ``task`` carrying the id (and row id) of a job."""
-    headers = {
-        "lang": "py",
-        "task": task,
-        "id": task_id,
-        "root_id": task_id,
-        "parent_id": None,
-        "group": None,
-        "retries": 0,
-        "eta": None,
-        "expires": None,
-        "timelimit": [None, None],
-        "heretic_job_id": job_id,
-    }
-    with app.broker.connect() as conn:
-        channel = conn.default_channel
-        app.broker.declare(channel, queue)
-        kombu.Producer(channel).publish(
-            json.dumps([[1], {}, {}]),
-            exchange=queue,
-            routing_key=queue,
-            headers=headers,
-            content_type="application/json",
-            content_encoding="utf-8",
-        )
+    publish_message(app, queue, json.dumps([[1], {}, {}]), celery_headers(task, task_id, job_id))
 
 
 # -- item 6: a message never changes a job it cannot run ------------------------------
