@@ -37,24 +37,10 @@ logger = logging.getLogger("heretic_kombu.broker")
 class Broker(Topology):
     """Connections, topology and publishing for one broker URL."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        transport_options: dict[str, Any] | None = None,
-        confirm_timeout: float = 10.0,
-        queue_max_priority: int | None = None,
-        queue_type: str = "classic",
-        delivery_limit: int | None = None,
-    ) -> None:
-        super().__init__(
-            url,
-            transport_options=transport_options,
-            confirm_timeout=confirm_timeout,
-            queue_max_priority=queue_max_priority,
-            queue_type=queue_type,
-            delivery_limit=delivery_limit,
-        )
+    def __init__(self, url: str, **options: Any) -> None:
+        """``options`` are :class:`Topology`'s (transport options, confirm timeout,
+        queue priorities, type and delivery limit)."""
+        super().__init__(url, **options)
         self._local = threading.local()
         # Every thread's publisher, so close() can release them all: a thread that ends
         # leaves its thread-local connection behind, with its socket open.
