@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import time
 
 import jobs_project
 import pytest
-from helpers import PROJECTS
+from helpers import run_heretic
 
 from heretic_kombu import states
 
-
-def heretic(*args, env=None):
-    environment = dict(os.environ, **(env or {}))
-    environment["PYTHONPATH"] = str(PROJECTS)
-    return subprocess.run(
-        [sys.executable, "-m", "heretic_kombu.cli", *args],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+heretic = run_heretic  # the command as a user runs it (tests/helpers.py)
 
 
 def test_db_init_is_idempotent(backend):
